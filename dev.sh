@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# One entry point for a fresh machine (Python 3.11, pip, git):
+#   bash dev.sh serve   - install, then serve the service on http://127.0.0.1:3000 (tiny model on CPU
+#                         and ./outputs unless SD3_MODEL / BUCKET_NAME say otherwise)
+#   bash dev.sh test    - install, then run the whole test suite
+set -euo pipefail
+cd "$(dirname "$0")"
+VENV=${VENV:-.venv}
+
+install() {
+    if [ ! -x "$VENV/bin/python" ]; then python3.11 -m venv "$VENV" 2>/dev/null || python3 -m venv "$VENV"; fi
+    # torch first and alone: 2.13.0 is the CPU build here; any looser requirement pulls a CUDA build.
+    "$VENV/bin/pip" install --quiet --disable-pip-version-check torch==2.13.0
+    "$VENV/bin/pip" install --quiet --disable-pip-version-check -e ".[test]"
+}
+
+case "${1:-}" in
+    serve)
+        install
+        export IMAGE_DIR=${IMAGE_DIR:-$PWD/outputs}
+        cd sd3-medium && exec "../$VENV/bin/bentoml" serve . --host "${HOST:-127.0.0.1}" --port "${PORT:-3000}"
+        ;;
+    test)
+        install
+        shift
+        exec "$VENV/bin/python" -m pytest "$@"
+        ;;
+    *)
+        echo "usage: bash dev.sh serve | bash dev.sh test [pytest args]" >&2
+        exit 2
+        ;;
+esac

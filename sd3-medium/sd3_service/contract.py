@@ -1,0 +1,85 @@
+"""The HTTP contract of the service: request and response models (design.md §3), in one place.
+
+The OpenAPI page, request validation and the README's tables all come from these models.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+MAX_SEED = 2**32 - 1
+CONTENT_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
+
+
+class ImageParameters(BaseModel):
+    """What to generate: one image's parameters (the body of `POST /txt2img`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str = Field(..., min_length=1, max_length=2000, description="What to draw.")
+    negative_prompt: str | None = Field(None, max_length=2000, description="What to keep out of the image.")
+    num_inference_steps: int = Field(28, ge=1, le=50, description="Denoising steps; more is slower and finer.")
+    guidance_scale: float = Field(7.0, ge=0, le=20, description="How strongly to follow the prompt (CFG).")
+    width: int = Field(1024, ge=256, le=1536, multiple_of=16, description="Image width in pixels, a multiple of 16.")
+    height: int = Field(1024, ge=256, le=1536, multiple_of=16, description="Image height in pixels, a multiple of 16.")
+    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="Random seed; the same seed and parameters give the same image. Null picks one.")
+    output_format: Literal["png", "jpeg", "webp"] = Field("png", description="Image file format.")
+
+    @field_validator("prompt")
+    @classmethod
+    def _not_blank(cls, prompt: str) -> str:
+        if not prompt.strip():
+            raise ValueError("prompt must contain visible text")
+        return prompt
+
+
+class PredictRequest(ImageParameters):
+    """A text-to-image request (the body of `POST /predict`); every field but `prompt` is optional."""
+
+    num_images: int = Field(1, ge=1, le=4, description="How many images to generate from the prompt.")
+    request_id: str | None = Field(
+        None, pattern=r"^[A-Za-z0-9_-]{1,64}$",
+        description="Idempotency key: the same id sent again returns the first answer. Null lets the server make one.",
+    )
+
+
+class StoredImage(BaseModel):
+    """One generated image and where it is kept."""
+
+    uri: str = Field(..., description="oci://bucket@namespace/object or file:// URI of the image")
+    object_name: str
+    bucket: str | None = None
+    namespace: str | None = None
+    content_type: str
+    bytes: int
+    sha256: str
+    width: int
+    height: int
+    stored: bool = Field(..., description="False when storage failed: the image is in `data` and is stored later")
+    data: str | None = Field(None, exclude_if=lambda v: v is None,
+                             description="base64 image bytes, only when `stored` is false")
+    url: str | None = Field(None, exclude_if=lambda v: v is None,
+                            description="time-limited read-only link, when the server is configured for links")
+
+
+class PredictResponse(BaseModel):
+    """The answer to a `POST /predict`."""
+
+    request_id: str
+    seed: int
+    images: list[StoredImage]
+    timings_ms: dict[str, int] = Field(..., description="queue, generate, encode, store in milliseconds")
+
+
+class ErrorDetail(BaseModel):
+    code: str
+    message: str
+    field: str | None = None
+    problems: list[dict] | None = Field(None, description="every invalid field, for `invalid_input`")
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
