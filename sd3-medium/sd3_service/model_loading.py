@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from sd3_service.settings import ARTIFACT_DIR, Settings
+from sd3_service.weights import warn_if_hub_download
 
 log = logging.getLogger("sd3.model")
 
@@ -83,6 +84,8 @@ def load_pipeline(settings: Settings) -> LoadedPipeline:
         from diffusers import StableDiffusion3Pipeline
 
         log.info("Loading SD3 from %s (%s) as %s on %s", source.name, source.reason, dtype, device)
+        if source.kind == "hub":
+            warn_if_hub_download(source.name, log)
         token = settings.hf_token.get_secret_value() if settings.hf_token else None
         pipe = StableDiffusion3Pipeline.from_pretrained(source.name, torch_dtype=getattr(torch, dtype), token=token)
         pipe.set_progress_bar_config(disable=True)
