@@ -1,0 +1,95 @@
+"""Authentication and `oci` SDK clients for the provisioner, honouring the endpoint overrides."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import oci
+
+from provisioner.settings import ConfigError, DeploySettings
+
+# Control-plane calls keep the SDK's default retries; predict never retries (design.md §2).
+PREDICT_TIMEOUT = (10.0, 90.0)  # connect, read; Model Deployment itself cuts a predict at 60 s
+
+
+@dataclass(frozen=True)
+class OciAuth:
+    """An SDK config dict and, for token-based auth, the signer that goes with it."""
+
+    config: dict[str, Any]
+    signer: Any | None
+
+    @property
+    def region(self) -> str | None:
+        return self.config.get("region")
+
+    def client_kwargs(self, endpoint: str | None, **extra: Any) -> dict[str, Any]:
+        kwargs: dict[str, Any] = dict(extra)
+        if self.signer is not None:
+            kwargs["signer"] = self.signer
+        if endpoint:
+            kwargs["service_endpoint"] = endpoint
+        return kwargs
+
+
+def config_file_region(settings: DeploySettings) -> str | None:
+    """The region named in the OCI config profile, read locally (for dry-run, which builds no signer)."""
+    if settings.region:
+        return settings.region
+    if settings.auth not in ("api_key", "security_token"):
+        return None
+    try:
+        return oci.config.from_file(settings.config_file, settings.profile).get("region")
+    except oci.exceptions.ClientError:
+        return None
+
+
+def build_auth(settings: DeploySettings) -> OciAuth:
+    """Config and signer for `settings.auth`; raises ConfigError with what to fix."""
+    try:
+        if settings.auth in ("api_key", "security_token"):
+            config = oci.config.from_file(settings.config_file, settings.profile)
+            if settings.region:
+                config["region"] = settings.region
+            signer = None
+            if settings.auth == "security_token":
+                token_file = config.get("security_token_file")
+                if not token_file:
+                    raise ConfigError(f"profile {settings.profile} has no security_token_file; "
+                                      "run `oci session authenticate` first")
+                token = Path(token_file).expanduser().read_text().strip()
+                key = oci.signer.load_private_key_from_file(config["key_file"], config.get("pass_phrase"))
+                signer = oci.auth.signers.SecurityTokenSigner(token, key)
+                oci.config.validate_config(config, signer=signer)
+            else:
+                oci.config.validate_config(config)
+            return OciAuth(config=config, signer=signer)
+        if settings.auth == "resource_principal":
+            signer = oci.auth.signers.get_resource_principals_signer()
+        else:
+            signer = oci.auth.signers.InstancePrincipalsSecurityTokenSigner()
+        return OciAuth(config={"region": settings.region or signer.region}, signer=signer)
+    except ConfigError:
+        raise
+    except (oci.exceptions.ClientError, OSError, KeyError, ValueError) as exc:
+        raise ConfigError(f"cannot set up {settings.auth} authentication: {type(exc).__name__}: {exc}") from None
+
+
+def data_science_client(auth: OciAuth, settings: DeploySettings) -> oci.data_science.DataScienceClient:
+    """The Data Science control-plane client."""
+    return oci.data_science.DataScienceClient(auth.config, **auth.client_kwargs(settings.data_science_endpoint))
+
+
+def object_storage_client(auth: OciAuth, settings: DeploySettings) -> oci.object_storage.ObjectStorageClient:
+    """The Object Storage client (large artifacts, image downloads)."""
+    return oci.object_storage.ObjectStorageClient(auth.config, **auth.client_kwargs(settings.object_storage_endpoint))
+
+
+def predict_client(auth: OciAuth, endpoint: str) -> oci.model_deployment.ModelDeploymentClient:
+    """A client for one deployment's predict route that never retries: a retry would generate again."""
+    return oci.model_deployment.ModelDeploymentClient(
+        auth.config,
+        **auth.client_kwargs(endpoint, retry_strategy=oci.retry.NoneRetryStrategy(), timeout=PREDICT_TIMEOUT),
+    )
