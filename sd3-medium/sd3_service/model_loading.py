@@ -87,7 +87,7 @@ def load_pipeline(settings: Settings) -> LoadedPipeline:
         if source.kind == "hub":
             warn_if_hub_download(source.name, log)
         token = settings.hf_token.get_secret_value() if settings.hf_token else None
-        pipe = StableDiffusion3Pipeline.from_pretrained(source.name, torch_dtype=getattr(torch, dtype), token=token)
+        pipe = StableDiffusion3Pipeline.from_pretrained(source.name, dtype=getattr(torch, dtype), token=token)
         pipe.set_progress_bar_config(disable=True)
     pipe = pipe.to(device=device, dtype=getattr(torch, dtype))
     return LoadedPipeline(pipe=pipe, source=source, device=device, dtype=dtype)
