@@ -18,22 +18,36 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(case_sensitive=False, extra="ignore")
 
     sd3_model: str = Field("auto", description="`auto`, `tiny`, a local diffusers folder or a Hugging Face repo id")
-    sd3_device: Literal["auto", "cuda", "cpu"] = "auto"
-    sd3_dtype: Literal["auto", "float16", "bfloat16", "float32"] = "auto"
+    sd3_device: Literal["auto", "cuda", "cpu"] = Field("auto", description="`auto` picks cuda when torch sees a GPU")
+    sd3_dtype: Literal["auto", "float16", "bfloat16", "float32"] = Field(
+        "auto", description="`auto` is float16 on cuda, float32 on cpu")
     hf_token: SecretStr | None = Field(None, description="only to download the gated model from the hub")
+    # Speed and memory options (docs/benchmarks.md). Off by default until measured on a GPU.
+    sd3_compile: bool = Field(False, description="torch.compile the transformer; each new image size compiles first")
+    sd3_fuse_qkv: bool = Field(False, description="fuse the transformer's query, key and value projections")
+    sd3_t5: bool = Field(True, description="load the T5-XXL text encoder; false saves its memory, follows prompts less")
+    sd3_offload: bool = Field(False, description="keep each model on the CPU until it runs (GPUs under ~20 GB; slower)")
 
     bucket_name: str | None = Field(None, description="store images in this Object Storage bucket when set")
-    namespace: str | None = None
-    object_prefix: str = "sd3/"
-    oci_auth: Literal["resource_principal", "instance_principal", "api_key", "security_token"] = "resource_principal"
-    oci_profile: str = "DEFAULT"
-    oci_config_file: str = "~/.oci/config"
-    oci_region: str | None = None
-    oci_object_storage_endpoint: str | None = None
-    image_dir: Path = Path("./outputs")
+    namespace: str | None = Field(None, description="Object Storage namespace; looked up with the signer when unset")
+    object_prefix: str = Field("sd3/", description="prefix of every object name")
+    oci_auth: Literal["resource_principal", "instance_principal", "api_key", "security_token"] = Field(
+        "resource_principal", description="how the service signs Object Storage calls")
+    oci_profile: str = Field("DEFAULT", description="profile of the OCI config file, for `api_key`/`security_token`")
+    oci_config_file: str = Field("~/.oci/config", description="OCI config file, for `api_key`/`security_token`")
+    oci_region: str | None = Field(None, description="region of the bucket; the signer's region when unset")
+    oci_object_storage_endpoint: str | None = Field(None, description="endpoint override (private endpoints, tests)")
+    image_dir: Path = Field(Path("./outputs"), description="where images go when BUCKET_NAME is unset")
+    spool_dir: Path = Field(Path("/var/tmp/sd3-medium/spool"),
+                            description="images not stored yet wait here (outside the read-only artifact) for a retry")
+    store_timeout_seconds: float = Field(20.0, ge=2, le=50, description="the longest one image's upload may take, "
+                                         "retries included (OCI Model Deployment answers 500 after 60 s)")
+    store_params: bool = Field(False, description="also store a JSON sidecar with every parameter, prompt included")
+    return_url: bool = Field(False, description="give each stored image a read-only pre-authenticated URL")
+    url_ttl_seconds: int = Field(3600, ge=60, description="how long a returned URL works")
 
-    model_deploy_predict_endpoint: str = "/predict"
-    model_deploy_health_endpoint: str = "/health"
+    model_deploy_predict_endpoint: str = Field("/predict", description="route of the predict API (OCI MD remaps it)")
+    model_deploy_health_endpoint: str = Field("/health", description="route of the health check (OCI MD remaps it)")
     max_body_bytes: int = Field(10 * 1024 * 1024, description="OCI Model Deployment caps payloads at 10 MB")
     max_queue: int = Field(4, ge=0, description="requests waiting for the GPU beyond the running one; more get 429")
     idempotency_cache_size: int = Field(1024, ge=0, description="answers remembered by request_id")
@@ -42,3 +56,11 @@ class Settings(BaseSettings):
     @classmethod
     def _leading_slash(cls, route: str) -> str:
         return route if route.startswith("/") else "/" + route
+
+    @field_validator("spool_dir")
+    @classmethod
+    def _spool_outside_artifact(cls, folder: Path) -> Path:
+        # The artifact is mounted read-only in OCI Model Deployment; a spool there would lose every image.
+        if folder.expanduser().resolve().is_relative_to(ARTIFACT_DIR):
+            raise ValueError(f"SPOOL_DIR must be outside the model artifact {ARTIFACT_DIR}")
+        return folder
