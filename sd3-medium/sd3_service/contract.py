@@ -49,14 +49,14 @@ class StoredImage(BaseModel):
     """One generated image and where it is kept."""
 
     uri: str = Field(..., description="oci://bucket@namespace/object or file:// URI of the image")
-    object_name: str
-    bucket: str | None = None
-    namespace: str | None = None
-    content_type: str
-    bytes: int
-    sha256: str
-    width: int
-    height: int
+    object_name: str = Field(..., description="`<OBJECT_PREFIX><yyyy>/<mm>/<dd>/<request_id>-<index>.<ext>`")
+    bucket: str | None = Field(None, description="Object Storage bucket; null with the local store")
+    namespace: str | None = Field(None, description="Object Storage namespace; null with the local store")
+    content_type: str = Field(..., description="`image/png`, `image/jpeg` or `image/webp`")
+    bytes: int = Field(..., description="size of the image file")
+    sha256: str = Field(..., description="SHA-256 of the image file, hex")
+    width: int = Field(..., description="pixels")
+    height: int = Field(..., description="pixels")
     stored: bool = Field(..., description="False when storage failed: the image is in `data` and is stored later")
     data: str | None = Field(None, exclude_if=lambda v: v is None,
                              description="base64 image bytes, only when `stored` is false")
@@ -67,16 +67,16 @@ class StoredImage(BaseModel):
 class PredictResponse(BaseModel):
     """The answer to a `POST /predict`."""
 
-    request_id: str
-    seed: int
-    images: list[StoredImage]
+    request_id: str = Field(..., description="the client's `request_id`, or one the server made")
+    seed: int = Field(..., description="the seed used: send it back to get the same images")
+    images: list[StoredImage] = Field(..., description="one entry per image, in order")
     timings_ms: dict[str, int] = Field(..., description="queue, generate, encode, store in milliseconds")
 
 
 class ErrorDetail(BaseModel):
-    code: str
-    message: str
-    field: str | None = None
+    code: str = Field(..., description="`invalid_input`, `malformed_json`, `payload_too_large`, `queue_full`, `not_ready`")
+    message: str = Field(..., description="what is wrong and what is allowed")
+    field: str | None = Field(None, description="the (first) offending field")
     problems: list[dict] | None = Field(None, description="every invalid field, for `invalid_input`")
 
 
