@@ -77,8 +77,8 @@ TABLES = {"request": request_table, "response": response_table, "settings": sett
 def render(readme: str) -> str:
     """Replace each `<!-- table:NAME -->` … `<!-- /table:NAME -->` block with the generated table."""
     for name, make in TABLES.items():
-        pattern = re.compile(rf"(<!-- table:{name} -->\n).*?(\n<!-- /table:{name} -->)", re.S)
-        readme, count = pattern.subn(lambda m, t=make(): m.group(1) + t + m.group(2), readme)
+        pattern = re.compile(rf"(<!-- table:{name} -->\n)(?:.*?\n)?(<!-- /table:{name} -->)", re.S)
+        readme, count = pattern.subn(lambda m, t=make(): m.group(1) + t + "\n" + m.group(2), readme)
         if count != 1:
             raise SystemExit(f"README.md needs exactly one <!-- table:{name} --> block")
     return readme
