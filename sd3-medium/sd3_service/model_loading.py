@@ -87,7 +87,31 @@ def load_pipeline(settings: Settings) -> LoadedPipeline:
         if source.kind == "hub":
             warn_if_hub_download(source.name, log)
         token = settings.hf_token.get_secret_value() if settings.hf_token else None
-        pipe = StableDiffusion3Pipeline.from_pretrained(source.name, dtype=getattr(torch, dtype), token=token)
+        without_t5 = {} if settings.sd3_t5 else {"text_encoder_3": None, "tokenizer_3": None}  # never loaded
+        pipe = StableDiffusion3Pipeline.from_pretrained(source.name, dtype=getattr(torch, dtype), token=token,
+                                                        **without_t5)
         pipe.set_progress_bar_config(disable=True)
-    pipe = pipe.to(device=device, dtype=getattr(torch, dtype))
+    pipe = place_pipeline(pipe, settings, device, getattr(torch, dtype))
     return LoadedPipeline(pipe=pipe, source=source, device=device, dtype=dtype)
+
+
+def place_pipeline(pipe, settings: Settings, device: str, dtype):
+    """Move the pipeline to its device and dtype, applying SD3_T5, SD3_OFFLOAD, SD3_FUSE_QKV and SD3_COMPILE."""
+    if not settings.sd3_t5 and pipe.text_encoder_3 is not None:
+        # Without T5 the pipeline feeds zeros in place of its text states (as diffusers documents for SD3).
+        pipe = type(pipe)(**{**pipe.components, "text_encoder_3": None, "tokenizer_3": None})
+        pipe.set_progress_bar_config(disable=True)
+    if settings.sd3_offload:
+        if device != "cuda":
+            raise RuntimeError("SD3_OFFLOAD=true needs a CUDA GPU (SD3_DEVICE=cuda): it moves models onto the GPU")
+        pipe.to(dtype=dtype)
+        pipe.enable_model_cpu_offload()  # each model moves to the GPU for its own step, then back
+    else:
+        pipe.to(device=device, dtype=dtype)
+    if settings.sd3_fuse_qkv:
+        pipe.transformer.fuse_qkv_projections()
+    if settings.sd3_compile:
+        pipe.transformer.compile()  # compiles on the first call per input shape: the warm-up pays for 1024x1024
+    log.info("Pipeline options: T5 %s, offload %s, fused QKV %s, compiled %s", settings.sd3_t5,
+             settings.sd3_offload, settings.sd3_fuse_qkv, settings.sd3_compile)
+    return pipe
