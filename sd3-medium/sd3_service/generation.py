@@ -6,7 +6,14 @@ import hashlib
 import io
 from dataclasses import dataclass
 
+import numpy as np
+
 from sd3_service.contract import CONTENT_TYPES, PredictRequest
+
+try:  # the fast PNG writer is optional: without it PNGs come from Pillow, slower but identical pixels
+    import fpng
+except ImportError:
+    fpng = None
 
 
 @dataclass(frozen=True)
@@ -39,16 +46,27 @@ def generate_images(pipe, request: PredictRequest, seed: int, device: str) -> li
     return result.images
 
 
-def encode_image(image, output_format: str) -> EncodedImage:
-    """Encode a PIL image as PNG (lossless, fast setting), JPEG or WebP (quality 95)."""
+def encode_png(image) -> bytes:
+    """Lossless PNG: fpng when installed (about 6 ms for 1024x1024 RGB against 90-130 ms for Pillow at
+    level 1, files 10-20% larger; bench/png_encoders.py), else Pillow at its fastest level."""
+    if fpng is not None and image.mode in ("RGB", "RGBA"):
+        return fpng.from_ndarray(np.asarray(image))
     buffer = io.BytesIO()
+    image.save(buffer, format="PNG", compress_level=1)
+    return buffer.getvalue()
+
+
+def encode_image(image, output_format: str) -> EncodedImage:
+    """Encode a PIL image as PNG (lossless, fast), JPEG or WebP (quality 95)."""
     if output_format == "png":
-        image.save(buffer, format="PNG", compress_level=1)
-    elif output_format == "jpeg":
-        image.convert("RGB").save(buffer, format="JPEG", quality=95)
+        data = encode_png(image)
     else:
-        image.save(buffer, format="WEBP", quality=95)
-    data = buffer.getvalue()
+        buffer = io.BytesIO()
+        if output_format == "jpeg":
+            image.convert("RGB").save(buffer, format="JPEG", quality=95)
+        else:
+            image.save(buffer, format="WEBP", quality=95)
+        data = buffer.getvalue()
     return EncodedImage(
         data=data, content_type=CONTENT_TYPES[output_format], extension=output_format,
         sha256=hashlib.sha256(data).hexdigest(), width=image.width, height=image.height,
