@@ -18,6 +18,7 @@ from sd3_service.http_errors import RequestGuard, error_response
 from sd3_service.model_loading import load_pipeline
 from sd3_service.contract import ImageParameters, PredictRequest, PredictResponse
 from sd3_service.settings import Settings
+from sd3_service.spool import Spool, SpoolingStore
 from sd3_service.store import build_store
 
 SETTINGS = Settings()  # read once at start-up; routes depend on it
@@ -43,15 +44,20 @@ routes = FastAPI(title="health")  # GET routes; BentoML's own APIs are POST-only
 @bentoml.asgi_app(routes, path="/")
 class SD3Medium:
     def __init__(self) -> None:
+        # Images the store cannot take wait in the spool and are uploaded later, under the same names.
+        store = SpoolingStore(build_store(SETTINGS), Spool(SETTINGS.spool_dir))
         self.engine = Engine(
             load=lambda: load_pipeline(SETTINGS),
-            store=build_store(SETTINGS),
+            store=store,
             object_prefix=SETTINGS.object_prefix,
             max_queue=SETTINGS.max_queue,
             cache_size=SETTINGS.idempotency_cache_size,
+            on_store_failure=store.keep,
+            store_params=SETTINGS.store_params,
         )
         log.info("Images go to %s; predict on %s, health on %s", self.engine.store.describe(), PREDICT_ROUTE,
                  HEALTH_ROUTE)
+        store.start()
         self.engine.start()
 
     @routes.get(HEALTH_ROUTE)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import datetime as dt
+import json
 import logging
 import math
 import secrets
@@ -67,6 +68,7 @@ class Engine:
         cache_size: finished answers remembered by request_id.
         io_threads: threads that encode and store images.
         on_stored_failure: called with an image that could not be stored, so it is kept for later.
+        store_params: also store `<request_id>.json` next to the images, with every parameter (prompt too).
     """
 
     def __init__(
@@ -78,6 +80,7 @@ class Engine:
         cache_size: int = 1024,
         io_threads: int = 4,
         on_store_failure: Callable[[ImageObject], None] | None = None,
+        store_params: bool = False,
     ):
         self._load = load
         self.store = store
@@ -85,6 +88,7 @@ class Engine:
         self.max_queue = max_queue
         self.cache_size = cache_size
         self.on_store_failure = on_store_failure
+        self.store_params = store_params
         self.status = "loading"
         self.error: str | None = None
         self.loaded: LoadedPipeline | None = None
@@ -218,7 +222,30 @@ class Engine:
                 data=file.data, content_type=file.content_type, metadata=metadata,
             )
             stored.append(self._store_one(image, file, rlog))
+        if self.store_params:
+            self._store_sidecar(request, request_id, seed, stored, metadata, now, rlog)
         return files, stored, encoded - began, time.perf_counter() - encoded
+
+    def _store_sidecar(self, request, request_id, seed, stored, metadata, now, rlog) -> None:
+        """Store `<request_id>.json`: the body that reproduces these images, and what they are."""
+        assert self.loaded is not None
+        record = {
+            "request_id": request_id,
+            "created": now.isoformat(),
+            "model": self.loaded.source.name,
+            # Sent back to /predict as the body, this makes the same images (same hardware and software).
+            "parameters": request.model_dump(mode="json", exclude={"request_id"}) | {"seed": seed},
+            "images": [{"object_name": s.object_name, "sha256": s.sha256, "bytes": s.bytes} for s in stored],
+        }
+        sidecar = ImageObject(name=f"{self.object_prefix}{now:%Y/%m/%d}/{request_id}.json",
+                              data=json.dumps(record, indent=1).encode(), content_type="application/json",
+                              metadata=metadata)
+        try:
+            self.store.put(sidecar)
+        except StoreError as exc:
+            rlog.warning("Storing %s failed (%s): keeping it for a later retry", sidecar.name, exc)
+            if self.on_store_failure is not None:
+                self.on_store_failure(sidecar)
 
     def metadata(self, request: PredictRequest, seed: int) -> dict[str, str]:
         """Generation parameters stored with each image (never the prompt text itself)."""

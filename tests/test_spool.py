@@ -1,0 +1,230 @@
+"""The spool: images the store could not take are kept on disk and uploaded later, never lost."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+import pytest
+from pydantic import ValidationError
+
+from fakes import oci_common
+from fakes.object_storage import FakeObjectStorage
+from sd3_service.object_storage import ObjectStorageStore
+from sd3_service.settings import ARTIFACT_DIR, Settings
+from sd3_service.spool import Spool, SpoolingStore, request_id_of
+from sd3_service.store import ImageObject, LocalFolderStore, StoreError
+
+
+def image(index: int = 0, request_id: str = "req-42") -> ImageObject:
+    return ImageObject(name=f"sd3/2026/11/25/{request_id}-{index}.png", data=os.urandom(2048) + bytes([index]),
+                       content_type="image/png", metadata={"seed": str(index), "model": "tiny"})
+
+
+def wait_until(condition, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+@pytest.fixture
+def fake():
+    with FakeObjectStorage(namespace="tenancyns", buckets=("images",)) as server:
+        yield server
+
+
+@pytest.fixture
+def bucket(fake, tmp_path, monkeypatch) -> ObjectStorageStore:
+    """The real Object Storage store, signing as a resource principal the fake trusts."""
+    credentials = fake.trust(oci_common.resource_principal(tmp_path / "rp"))
+    for name, value in credentials.env.items():
+        monkeypatch.setenv(name, value)
+    return ObjectStorageStore(bucket="images", namespace="tenancyns", endpoint=fake.endpoint, timeout_seconds=3)
+
+
+@pytest.fixture
+def started():
+    """Start SpoolingStores for a test and stop them after it."""
+    running: list[SpoolingStore] = []
+
+    def start(store, spool) -> SpoolingStore:
+        spooling = SpoolingStore(store, spool, retry_min_seconds=0.05, retry_max_seconds=0.2)
+        running.append(spooling)
+        spooling.start()
+        return spooling
+
+    yield start
+    for spooling in running:
+        spooling.stop(timeout=10)
+
+
+# -- the folder -------------------------------------------------------------------------------------
+
+
+def test_a_kept_image_reads_back_the_same_from_a_new_process(tmp_path):
+    kept = image()
+    Spool(tmp_path / "spool").keep(kept)
+
+    after_restart = Spool(tmp_path / "spool")
+    (path,) = after_restart.pending()
+    assert after_restart.load(path) == kept
+    assert not list((tmp_path / "spool").glob(".tmp-*"))  # written atomically, no leftovers
+
+
+def test_keeping_the_same_name_again_replaces_it_and_order_is_oldest_first(tmp_path):
+    spool = Spool(tmp_path)
+    older, newer = image(0), image(1)
+    spool.keep(older)
+    os.utime(spool.pending()[0], (1, 1))
+    spool.keep(newer)
+    assert [spool.load(p).name for p in spool.pending()] == [older.name, newer.name]
+
+    spool.keep(ImageObject(name=older.name, data=b"second try", content_type="image/png"))
+
+    assert len(spool) == 2 and {spool.load(p).data for p in spool.pending()} == {b"second try", newer.data}
+
+
+def test_the_request_id_is_read_back_from_a_server_made_name():
+    assert request_id_of("sd3/2026/11/25/my-req_1-3.webp") == "my-req_1"
+    assert request_id_of("sd3/2026/11/25/0123abcd.json") == "0123abcd"
+
+
+def test_an_unreadable_spooled_file_is_set_aside_and_the_rest_still_uploads(tmp_path, caplog):
+    spool = Spool(tmp_path / "spool")
+    bad = spool.keep(image(0))
+    bad.write_bytes(bad.read_bytes()[:-10])  # truncated on disk
+    intact = image(1)
+    spool.keep(intact)
+    folder = LocalFolderStore(tmp_path / "images")
+
+    assert SpoolingStore(folder, spool).upload_pending()
+
+    assert (tmp_path / "images" / intact.name).read_bytes() == intact.data
+    assert len(spool) == 0 and (spool.root / "corrupt" / bad.name).exists()
+    assert "unreadable spooled file" in caplog.text
+
+
+def test_half_written_files_from_a_crash_are_discarded_at_start(tmp_path, started):
+    spool_dir = tmp_path / "spool"
+    spool_dir.mkdir()
+    (spool_dir / ".tmp-old").write_bytes(b"partial")
+    os.utime(spool_dir / ".tmp-old", (time.time() - 3600,) * 2)
+    (spool_dir / ".tmp-now").write_bytes(b"being written right now")
+
+    started(LocalFolderStore(tmp_path / "images"), Spool(spool_dir))
+
+    wait_until(lambda: not (spool_dir / ".tmp-old").exists())
+    assert (spool_dir / ".tmp-now").exists()
+
+
+def test_keeping_never_raises_even_when_the_disk_refuses(tmp_path, caplog):
+    (tmp_path / "not-a-folder").write_text("a file where the spool folder should be")
+    spooling = SpoolingStore(LocalFolderStore(tmp_path / "images"), Spool(tmp_path / "not-a-folder" / "spool"))
+    spooling.keep(image())
+    assert "[req-42] Could not spool" in caplog.text and "exists only in its response" in caplog.text
+
+
+def test_the_spool_may_not_live_inside_the_read_only_artifact(monkeypatch):
+    monkeypatch.setenv("SPOOL_DIR", str(ARTIFACT_DIR / "spool"))
+    with pytest.raises(ValidationError, match="SPOOL_DIR must be outside the model artifact"):
+        Settings()
+
+
+# -- with Object Storage ----------------------------------------------------------------------------
+
+
+def test_an_outage_keeps_the_image_and_uploads_it_under_the_same_name_when_the_bucket_is_back(
+        fake, bucket, tmp_path, started):
+    spooling = started(bucket, Spool(tmp_path / "spool"))
+    wait_until(lambda: spooling.state == "ok")
+    fake.outage(503)
+    lost = image(0)
+
+    with pytest.raises(StoreError, match="503"):
+        spooling.put(lost)
+    spooling.keep(lost)  # what the engine does with it
+
+    assert len(spooling.spool) == 1 and fake.object("images", lost.name) is None
+    about = spooling.describe()
+    assert about["state"] == "failing" and about["spooled"] == 1 and "503" in about["error"]
+    # While it is known to fail, requests do not each spend the retry budget on it.
+    calls = len(fake.requests)
+    began = time.monotonic()
+    with pytest.raises(StoreError, match="still failing"):
+        spooling.put(image(1))
+    assert time.monotonic() - began < 0.1
+    time.sleep(0.5)  # the uploader keeps trying in the background meanwhile, and keeps the file
+    assert len(fake.requests) > calls and len(spooling.spool) == 1
+
+    fake.restore()
+
+    wait_until(lambda: len(spooling.spool) == 0)
+    stored = fake.object("images", lost.name)
+    assert stored.data == lost.data and stored.metadata == lost.metadata and stored.content_type == "image/png"
+    assert spooling.describe()["state"] == "ok" and spooling.put(image(2)).uri.endswith(image(2).name)
+
+
+def test_a_restart_with_a_full_spool_finishes_the_uploads(fake, bucket, tmp_path, started, caplog):
+    caplog.set_level(logging.INFO, logger="sd3")
+    left_over = [image(i, request_id=f"req{i}") for i in range(3)]
+    for kept in left_over:
+        Spool(tmp_path / "spool").keep(kept)  # a previous process spooled these, then stopped
+
+    spooling = started(bucket, Spool(tmp_path / "spool"))
+
+    wait_until(lambda: len(spooling.spool) == 0)
+    assert {k.name: fake.object("images", k.name).data for k in left_over} == {k.name: k.data for k in left_over}
+    assert "3 image(s) left in the spool" in caplog.text and "[req1] Stored spooled image" in caplog.text
+
+
+def test_a_spooled_file_is_deleted_only_after_its_upload_succeeded(fake, bucket, tmp_path):
+    spool = Spool(tmp_path / "spool")
+    kept = image()
+    spool.keep(kept)
+    spooling = SpoolingStore(bucket, spool)
+    for outage in (500, None):  # an error answer, then connections dropped after the upload was sent
+        fake.outage(outage, when=lambda r: r.method == "PUT")
+        assert not spooling.upload_pending()
+        assert len(spool) == 1
+        fake.restore()
+    assert spooling.upload_pending() and len(spool) == 0
+    assert fake.object("images", kept.name).data == kept.data
+
+
+def test_a_missing_credential_is_one_clear_line_at_start_and_images_are_kept(fake, tmp_path, started, caplog,
+                                                                             monkeypatch):
+    monkeypatch.delenv("OCI_RESOURCE_PRINCIPAL_VERSION", raising=False)
+    store = ObjectStorageStore(bucket="images", endpoint=fake.endpoint)  # resource principal, outside OCI
+
+    spooling = started(store, Spool(tmp_path / "spool"))
+    wait_until(lambda: spooling.state == "failing")
+    for index in range(3):
+        with pytest.raises(StoreError):
+            spooling.put(image(index))
+        spooling.keep(image(index))
+    time.sleep(0.5)  # the uploader retries in the background meanwhile
+
+    assert len(spooling.spool) == 3
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and errors[0].exc_info is None  # one line, no traceback
+    assert "OCI_RESOURCE_PRINCIPAL_VERSION is not defined" in errors[0].getMessage()
+    assert "OCI_RESOURCE_PRINCIPAL_VERSION is not defined" in spooling.describe()["error"]
+    assert fake.requests == []
+
+
+def test_a_refused_credential_recovers_once_it_is_fixed(fake, tmp_path, started, monkeypatch):
+    credentials = oci_common.resource_principal(tmp_path / "rp")  # not trusted yet: 401
+    for name, value in credentials.env.items():
+        monkeypatch.setenv(name, value)
+    store = ObjectStorageStore(bucket="images", namespace="tenancyns", endpoint=fake.endpoint, timeout_seconds=3)
+    spooling = started(store, Spool(tmp_path / "spool"))
+    wait_until(lambda: spooling.state == "failing")
+    assert "credential (OCI_AUTH=resource_principal) was refused" in spooling.describe()["error"]
+    spooling.keep(image())
+
+    fake.trust(credentials)  # e.g. the missing policy was added
+
+    wait_until(lambda: len(spooling.spool) == 0)
+    assert fake.object("images", image().name) is not None and spooling.state == "ok"
