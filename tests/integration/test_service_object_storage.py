@@ -1,0 +1,188 @@
+"""The real service (`bentoml serve`) storing images in Object Storage: a loopback fake that checks every signature."""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import hashlib
+import json
+import re
+import time
+
+import httpx
+import pytest
+
+from fakes import oci_common
+from fakes.object_storage import FakeObjectStorage
+from integration.conftest import start_server, stop_server
+from sd3_service.spool import Spool
+
+SMALL = {"width": 256, "height": 256, "num_inference_steps": 2}
+PROMPT = "a red fox in fresh snow, morning light"
+
+
+@pytest.fixture(scope="module")
+def fake():
+    with FakeObjectStorage(namespace="tenancyns", buckets=("images",)) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def principal(fake, tmp_path_factory):
+    """The deployment's resource principal (v2.2 files, as Model Deployment mounts them), trusted by the fake."""
+    return fake.trust(oci_common.resource_principal(tmp_path_factory.mktemp("rp")))
+
+
+def bucket_env(fake, spool_dir, **extra) -> dict[str, str]:
+    return {"BUCKET_NAME": "images", "OCI_OBJECT_STORAGE_ENDPOINT": fake.endpoint, "SPOOL_DIR": str(spool_dir),
+            "STORE_TIMEOUT_SECONDS": "6", **extra}
+
+
+@pytest.fixture(scope="module")
+def server(fake, principal, tmp_path_factory):
+    """One server writing to the fake bucket as the resource principal, with links and sidecars on."""
+    tmp = tmp_path_factory.mktemp("oci-server")
+    running = start_server(tmp, {**principal.env, **bucket_env(fake, tmp / "spool"), "RETURN_URL": "true",
+                                 "URL_TTL_SECONDS": "600", "STORE_PARAMS": "true"})
+    running.spool = Spool(tmp / "spool")
+    yield running
+    stop_server(running)
+
+
+@pytest.fixture(autouse=True)
+def healthy_fake(fake):
+    fake.restore()
+    yield
+    fake.restore()
+
+
+def predict(server, body) -> httpx.Response:
+    with server.client() as client:
+        return client.post("/predict", json=body)
+
+
+def health_store(server) -> dict:
+    with server.client() as client:
+        return client.get("/health").json()["store"]
+
+
+def wait_until(condition, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.1)
+
+
+def test_every_image_is_stored_under_a_server_made_name_with_its_parameters(server, fake, principal):
+    body = {"prompt": PROMPT, "seed": 7, "num_images": 2, **SMALL}
+    answer = predict(server, body)
+    assert answer.status_code == 200, answer.text
+    request_id = answer.json()["request_id"]
+
+    for index, image in enumerate(answer.json()["images"]):
+        name = image["object_name"]
+        day = re.fullmatch(rf"sd3/(\d{{4}}/\d\d/\d\d)/{request_id}-{index}\.png", name)
+        assert day and abs(dt.datetime.strptime(day[1], "%Y/%m/%d").date() - dt.date.today()).days <= 1
+        assert image["uri"] == f"oci://images@tenancyns/{name}"
+        assert (image["bucket"], image["namespace"], image["stored"]) == ("images", "tenancyns", True)
+        assert "data" not in image
+        stored = fake.object("images", name)
+        assert hashlib.sha256(stored.data).hexdigest() == image["sha256"] and stored.content_type == "image/png"
+        assert stored.metadata == {"seed": "7", "steps": "2", "guidance": "7.0", "width": "256", "height": "256",
+                                   "model": "tiny", "prompt-sha256": hashlib.sha256(PROMPT.encode()).hexdigest()}
+        assert httpx.get(image["url"]).content == stored.data  # the read-only link works without credentials
+
+    # Every call the service made was signed with the resource principal's session token, and none
+    # carried the prompt text in a header.
+    calls = [r for r in fake.requests if not r.path.startswith("/p/")]
+    assert calls and {r.key_id for r in calls} == {principal.key_id}
+    assert not any(PROMPT in value for r in calls for value in r.headers.values())
+
+
+def test_the_sidecar_records_every_parameter_and_reproduces_the_image(server, fake):
+    first = predict(server, {"prompt": PROMPT, "negative_prompt": "blurry", "guidance_scale": 4.5, **SMALL}).json()
+    name = first["images"][0]["object_name"].rsplit("-", 1)[0] + ".json"
+    sidecar = json.loads(fake.object("images", name).data)
+
+    assert sidecar["request_id"] == first["request_id"] and sidecar["model"] == "tiny"
+    assert sidecar["parameters"] == {"prompt": PROMPT, "negative_prompt": "blurry", "guidance_scale": 4.5,
+                                     "seed": first["seed"], "num_images": 1, "output_format": "png",
+                                     "num_inference_steps": 2, "width": 256, "height": 256}
+    assert sidecar["images"] == [{"object_name": first["images"][0]["object_name"],
+                                  "sha256": first["images"][0]["sha256"], "bytes": first["images"][0]["bytes"]}]
+
+    again = predict(server, sidecar["parameters"]).json()
+    assert again["images"][0]["sha256"] == first["images"][0]["sha256"]
+
+
+def test_health_describes_the_bucket(server, fake):
+    assert health_store(server) == {
+        "kind": "oci", "bucket": "images", "namespace": "tenancyns", "auth": "resource_principal",
+        "region": "us-ashburn-1", "endpoint": fake.endpoint, "state": "ok", "spooled": 0,
+        "spool_dir": str(server.spool.root)}
+
+
+def test_a_burst_of_503_and_429_is_retried_and_the_image_stored(server, fake):
+    fake.fail_next(2, 503, when=lambda r: r.method == "PUT")
+    fake.fail_next(1, 429, when=lambda r: r.method == "PUT")
+
+    answer = predict(server, {"prompt": PROMPT, **SMALL}).json()
+
+    image = answer["images"][0]
+    assert image["stored"] is True and fake.object("images", image["object_name"]) is not None
+    puts = [r.status for r in fake.seen("PUT", image["object_name"].replace("/", "%2F"))]
+    assert puts == [503, 503, 429, 200]
+
+
+def test_an_outage_answers_the_image_inline_and_stores_it_when_the_bucket_is_back(server, fake):
+    fake.outage(503)
+
+    response = predict(server, {"prompt": PROMPT, **SMALL})
+
+    assert response.status_code == 200, response.text
+    image = response.json()["images"][0]
+    assert image["stored"] is False and image["uri"] == f"oci://images@tenancyns/{image['object_name']}"
+    data = base64.b64decode(image["data"])
+    assert hashlib.sha256(data).hexdigest() == image["sha256"] and "url" not in image
+    sidecar = image["object_name"].rsplit("-", 1)[0] + ".json"
+    spooled = {kept.name: kept.data for kept in map(server.spool.load, server.spool.pending())}
+    assert spooled.keys() == {image["object_name"], sidecar} and spooled[image["object_name"]] == data
+    store = health_store(server)
+    assert store["state"] == "failing" and store["spooled"] == 2 and "503" in store["error"]
+    assert fake.object("images", image["object_name"]) is None
+
+    fake.restore()
+
+    wait_until(lambda: health_store(server)["spooled"] == 0)
+    assert fake.object("images", image["object_name"]).data == data
+    assert json.loads(fake.object("images", sidecar).data)["images"][0]["sha256"] == image["sha256"]
+    assert server.spool.pending() == [] and health_store(server)["state"] == "ok"
+
+
+def test_a_missing_credential_keeps_images_and_a_restart_with_one_uploads_them(fake, principal, tmp_path):
+    spool_dir = tmp_path / "spool"
+    # Outside OCI, with no resource principal at all: the service still starts and serves.
+    broken = start_server(tmp_path / "broken", bucket_env(fake, spool_dir, NAMESPACE="tenancyns"))
+    try:
+        store = health_store(broken)
+        response = predict(broken, {"prompt": PROMPT, **SMALL})
+        second = predict(broken, {"prompt": PROMPT, **SMALL})
+    finally:
+        stop_server(broken)
+    assert store["state"] == "failing" and "OCI_RESOURCE_PRINCIPAL_VERSION is not defined" in store["error"]
+    images = [r.json()["images"][0] for r in (response, second)]
+    assert all(r.status_code == 200 for r in (response, second))
+    assert [i["stored"] for i in images] == [False, False]
+    log = broken.log()
+    assert log.count("The image store is unusable") == 1 and "Traceback" not in log, log
+    assert len(Spool(spool_dir).pending()) == 2
+
+    # Restarted with the credential: the spooled images go up under the names the answers gave.
+    fixed = start_server(tmp_path / "fixed", {**principal.env, **bucket_env(fake, spool_dir)})
+    try:
+        for image in images:
+            wait_until(lambda: fake.object("images", image["object_name"]) is not None)
+            assert fake.object("images", image["object_name"]).data == base64.b64decode(image["data"])
+        wait_until(lambda: Spool(spool_dir).pending() == [])
+    finally:
+        stop_server(fixed)
