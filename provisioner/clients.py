@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -11,6 +14,7 @@ import oci
 from provisioner.settings import ConfigError, DeploySettings
 
 # Control-plane calls keep the SDK's default retries; predict never retries (design.md §2).
+HEADER_RESEND_ENV = "OCI_HEADER_PARSING_ERROR_MAX_RETRIES"
 PREDICT_TIMEOUT = (10.0, 90.0)  # connect, read; Model Deployment itself cuts a predict at 60 s
 
 
@@ -93,3 +97,21 @@ def predict_client(auth: OciAuth, endpoint: str) -> oci.model_deployment.ModelDe
         auth.config,
         **auth.client_kwargs(endpoint, retry_strategy=oci.retry.NoneRetryStrategy(), timeout=PREDICT_TIMEOUT),
     )
+
+
+@contextlib.contextmanager
+def no_resend_on_header_errors() -> Iterator[None]:
+    """Turn off the SDK's own re-send of a request whose response headers fail to parse.
+
+    The SDK does that (default twice) whatever the retry strategy, reading this env var at each call;
+    a re-sent predict would generate again.
+    """
+    previous = os.environ.get(HEADER_RESEND_ENV)
+    os.environ[HEADER_RESEND_ENV] = "0"
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(HEADER_RESEND_ENV, None)
+        else:
+            os.environ[HEADER_RESEND_ENV] = previous

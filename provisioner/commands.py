@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import uuid
 from pathlib import Path
 from typing import Any
+
+import oci
 
 from provisioner import clients, operations
 from provisioner import details as build
@@ -18,18 +21,27 @@ def _dry_run_output(requests: list[dict[str, Any]]) -> None:
     result_json({"dry_run": True, "requests": requests})
 
 
+def _connect(settings: DeploySettings) -> tuple[clients.OciAuth, Any]:
+    auth = clients.build_auth(settings)
+    return auth, clients.data_science_client(auth, settings)
+
+
 # --- package ---------------------------------------------------------------------------------
 
-def package(settings: DeploySettings) -> ArtifactInfo:
-    """Zip the service folder into the artifact and print its path, size and sha256."""
+def package(settings: DeploySettings, *, as_result: bool = True) -> ArtifactInfo:
+    """Zip the service folder into the artifact and print its path, size and sha256.
+
+    `as_result=False` prints them as progress (stderr), so that stdout of `up`/`register` stays theirs.
+    """
     if not settings.source_dir.is_dir():
         raise ConfigError(f"source_dir {settings.source_dir} is not a folder")
     with byte_progress("packaging", source_size(settings.source_dir)) as advance:
         artifact = write_artifact_zip(settings.source_dir, settings.artifact, on_bytes=advance)
-    result(f"artifact: {artifact.path}")
-    result(f"files:    {artifact.file_count}")
-    result(f"size:     {artifact.size} bytes")
-    result(f"sha256:   {artifact.sha256}")
+    report = result if as_result else info
+    report(f"artifact: {artifact.path}")
+    report(f"files:    {artifact.file_count}")
+    report(f"size:     {artifact.size} bytes")
+    report(f"sha256:   {artifact.sha256}")
     return artifact
 
 
@@ -56,7 +68,7 @@ def _artifact_upload_plan(settings: DeploySettings, artifact: ArtifactInfo, mode
 
 def _artifact_for_register(settings: DeploySettings, artifact_path: Path | None) -> ArtifactInfo:
     if artifact_path is None:
-        return package(settings)
+        return package(settings, as_result=False)
     artifact = describe_artifact(artifact_path)
     info(f"using {artifact.path} ({artifact.size} bytes, sha256 {artifact.sha256})")
     return artifact
@@ -71,12 +83,12 @@ def register(settings: DeploySettings, artifact_path: Path | None = None) -> str
         _dry_run_output([{"operation": "create_model", "body": build.request_json(model_details)},
                          *_artifact_upload_plan(settings, artifact, FROM_CREATE_MODEL)])
         return FROM_CREATE_MODEL
-    return _send_register(settings, artifact, model_details)
+    auth, client = _connect(settings)
+    return _send_register(settings, auth, client, artifact, model_details)
 
 
-def _send_register(settings: DeploySettings, artifact: ArtifactInfo, model_details: Any) -> str:
-    auth = clients.build_auth(settings)
-    client = clients.data_science_client(auth, settings)
+def _send_register(settings: DeploySettings, auth: clients.OciAuth, client: Any, artifact: ArtifactInfo,
+                   model_details: Any) -> str:
     model = operations.register_model(client, lambda: clients.object_storage_client(auth, settings), settings,
                                       artifact, model_details, auth.region)
     result(f"model: {model.id}")
@@ -107,8 +119,7 @@ def deploy(settings: DeploySettings) -> None:
     if settings.dry_run:
         _dry_run_output([{"operation": "create_model_deployment", "body": build.request_json(deployment_details)}])
         return
-    auth = clients.build_auth(settings)
-    client = clients.data_science_client(auth, settings)
+    _, client = _connect(settings)
     model_id = operations.resolve_model_id(client, settings.compartment_id, model_ref)
     _send_deploy(settings, client, model_id)
 
@@ -126,7 +137,7 @@ def up(settings: DeploySettings) -> None:
     """package + register + deploy, with every input checked before the first call."""
     require(settings, "compartment_id", "project_id", "image")
     _validated_deployment_details(settings, FROM_CREATE_MODEL)
-    artifact = package(settings)
+    artifact = package(settings, as_result=False)
     model_details = build.build_model_details(settings, artifact, build.read_project_version(settings.project_file))
     if settings.dry_run:
         deployment_details = build.build_deployment_details(settings, FROM_CREATE_MODEL)
@@ -134,8 +145,8 @@ def up(settings: DeploySettings) -> None:
                          *_artifact_upload_plan(settings, artifact, FROM_CREATE_MODEL),
                          {"operation": "create_model_deployment", "body": build.request_json(deployment_details)}])
         return
-    model_id = _send_register(settings, artifact, model_details)
-    client = clients.data_science_client(clients.build_auth(settings), settings)
+    auth, client = _connect(settings)
+    model_id = _send_register(settings, auth, client, artifact, model_details)
     _send_deploy(settings, client, model_id)
 
 
@@ -144,11 +155,6 @@ def up(settings: DeploySettings) -> None:
 def _lookup_dry_run(operation: str, ref: str, **extra: Any) -> None:
     by = "model_deployment_id" if ref.startswith(operations.DEPLOYMENT_OCID_PREFIX) else "display_name"
     _dry_run_output([{"operation": operation, by: ref, **extra}])
-
-
-def _connect(settings: DeploySettings) -> tuple[clients.OciAuth, Any]:
-    auth = clients.build_auth(settings)
-    return auth, clients.data_science_client(auth, settings)
 
 
 def _describe_scaling(policy: Any) -> str:
@@ -228,6 +234,8 @@ def delete(settings: DeploySettings, ref: str) -> None:
 
 def predict(settings: DeploySettings, ref: str, body: dict[str, Any], download_dir: Path | None) -> None:
     """Send one signed predict request (never retried), print the JSON answer, optionally save the images."""
+    # Our own request id makes a failed call safe to repeat: the service answers a known id from memory.
+    body = {**body, "request_id": body.get("request_id") or uuid.uuid4().hex}
     if settings.dry_run:
         _lookup_dry_run("predict", ref, body=body)
         return
@@ -237,7 +245,13 @@ def predict(settings: DeploySettings, ref: str, body: dict[str, Any], download_d
         warn(f"model deployment {deployment.id} is {deployment.lifecycle_state}")
     endpoint = build.predict_service_endpoint(deployment.model_deployment_url, deployment.id,
                                               settings.model_deployment_endpoint)
-    answer = operations.call_predict(clients.predict_client(auth, endpoint), deployment.id, body)
+    try:
+        answer = operations.call_predict(clients.predict_client(auth, endpoint), deployment.id, body)
+    except (oci.exceptions.ServiceError, oci.exceptions.RequestException) as exc:
+        if not isinstance(exc, oci.exceptions.ServiceError) or exc.status >= 500:
+            warn(f"the image may have been generated anyway; to retry without generating twice, repeat the call "
+                 f"with --request-id {body['request_id']}")
+        raise
     result_json(answer)
     if download_dir is not None and isinstance(answer, dict):
         saved = operations.download_images(lambda: clients.object_storage_client(auth, settings), answer, download_dir)

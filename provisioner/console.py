@@ -96,7 +96,7 @@ def describe_error(exc: BaseException) -> tuple[str, int] | None:
     if isinstance(exc, oci.exceptions.MaximumWaitTimeExceeded):
         return f"timed out: {exc} (the operation goes on in OCI; check it with `status`)", 1
     if isinstance(exc, (oci.exceptions.RequestException, sdk_requests.exceptions.RequestException)):
-        return f"network error: {exc}", 1
+        return f"network error: {describe_network_error(exc)}", 1
     if isinstance(exc, oci.exceptions.MultipartUploadError):
         return f"upload failed: {exc.error_causes or exc}", 1
     if isinstance(exc, (oci.exceptions.ClientError, FileNotFoundError)):
@@ -118,6 +118,14 @@ def describe_service_error(exc: oci.exceptions.ServiceError) -> str:
         message = "no message"
     where = ", ".join(part for part in (exc.operation_name, f"opc-request-id {exc.request_id}") if part)
     return f"{exc.status} {code or '-'}: {message} ({where})"
+
+
+def describe_network_error(exc: BaseException) -> str:
+    """The transport error and the request it hit, without the SDK's boilerplate."""
+    cause = exc.args[0] if exc.args and isinstance(exc.args[0], BaseException) else exc
+    parts = [str(part) for part in cause.args] or [str(cause)]
+    where = next((part.split(" See ")[0] for part in parts[1:] if part.startswith("Request Endpoint:")), None)
+    return f"{parts[0]} ({where})" if where else parts[0]
 
 
 def exit_with(exc: BaseException) -> None:

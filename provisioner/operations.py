@@ -15,6 +15,7 @@ from oci.object_storage import UploadManager
 from oci.object_storage.transfer.internal.file_read_callback_stream import FileReadCallbackStream
 from oci.pagination import list_call_get_all_results
 
+from provisioner import clients
 from provisioner import details as build
 from provisioner.artifact import ArtifactInfo
 from provisioner.console import OperationFailed, StatusLine, byte_progress, info, warn
@@ -103,7 +104,7 @@ def upload_artifact_via_bucket(client: oci.data_science.DataScienceClient,
         raise ConfigError("the region of the artifact bucket is unknown; set --region")
     namespace = settings.artifact_namespace or storage.get_namespace().data
     object_name = build.artifact_object_name(settings, artifact)
-    with byte_progress(f"uploading to oci://{settings.artifact_bucket}@{namespace}", artifact.size) as advance:
+    with byte_progress("uploading artifact to bucket", artifact.size) as advance:
         UploadManager(storage).upload_file(namespace, settings.artifact_bucket, object_name, str(artifact.path),
                                            part_size=settings.part_size, progress_callback=advance,
                                            content_type="application/zip")
@@ -224,7 +225,8 @@ def delete_deployment(client: oci.data_science.DataScienceClient, deployment: ds
 def call_predict(client: oci.model_deployment.ModelDeploymentClient, deployment_id: str,
                  body: dict[str, Any]) -> Any:
     """One signed POST to the deployment's predict route (the client has no retries); the JSON answer."""
-    response = client.predict(deployment_id, body)
+    with clients.no_resend_on_header_errors():
+        response = client.predict(deployment_id, body)
     try:
         return json.loads(response.data)
     except (TypeError, json.JSONDecodeError):
