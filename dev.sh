@@ -3,30 +3,36 @@
 #   bash dev.sh serve   - install, then serve the service on http://127.0.0.1:3000 (tiny model on CPU
 #                         and ./outputs unless SD3_MODEL / BUCKET_NAME say otherwise)
 #   bash dev.sh test    - install, then run the whole test suite
+#   bash dev.sh lock    - after changing a pin in pyproject.toml: install it, then rewrite requirements.lock
 set -euo pipefail
 cd "$(dirname "$0")"
 VENV=${VENV:-.venv}
 
+# install [pip args]: pass `-c requirements.lock` to get exactly the locked versions (tests and image share them).
 install() {
     if [ ! -x "$VENV/bin/python" ]; then python3.11 -m venv "$VENV" 2>/dev/null || python3 -m venv "$VENV"; fi
     # torch first and alone: 2.13.0 is the CPU build here; any looser requirement pulls a CUDA build.
-    "$VENV/bin/pip" install --quiet --disable-pip-version-check torch==2.13.0
-    "$VENV/bin/pip" install --quiet --disable-pip-version-check -e ".[test]"
+    "$VENV/bin/pip" install --quiet --disable-pip-version-check torch==2.13.0 "$@"
+    "$VENV/bin/pip" install --quiet --disable-pip-version-check -e ".[test]" "$@"
 }
 
 case "${1:-}" in
     serve)
-        install
+        install -c requirements.lock
         export IMAGE_DIR=${IMAGE_DIR:-$PWD/outputs}
         cd sd3-medium && exec "../$VENV/bin/bentoml" serve . --host "${HOST:-127.0.0.1}" --port "${PORT:-3000}"
         ;;
     test)
-        install
+        install -c requirements.lock
         shift
         exec "$VENV/bin/python" -m pytest "$@"
         ;;
+    lock)
+        install
+        exec "$VENV/bin/python" tools/write_lock.py
+        ;;
     *)
-        echo "usage: bash dev.sh serve | bash dev.sh test [pytest args]" >&2
+        echo "usage: bash dev.sh serve | bash dev.sh test [pytest args] | bash dev.sh lock" >&2
         exit 2
         ;;
 esac

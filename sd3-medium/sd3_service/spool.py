@@ -59,11 +59,13 @@ class Spool:
 
     def pending(self) -> list[Path]:
         """Spooled files, oldest first."""
-        try:
-            entries = [(p.stat().st_mtime, p) for p in self.root.glob("*" + SUFFIX)]
-        except FileNotFoundError:
-            return []
-        return [p for _, p in sorted(entries)]
+        entries = []
+        for path in self.root.glob("*" + SUFFIX):
+            try:
+                entries.append((path.stat().st_mtime, path))
+            except FileNotFoundError:
+                pass  # uploaded and removed meanwhile
+        return [path for _, path in sorted(entries)]
 
     def __len__(self) -> int:
         return len(self.pending())
