@@ -1,0 +1,486 @@
+"""What serving costs on top of the SD3 pipeline, and how it holds up under concurrent clients.
+
+    python bench/serving.py            # the full run (about 10-15 minutes on 2 CPU cores)
+    python bench/serving.py --quick    # fewer samples
+    python bench/serving.py --smoke    # tiny sizes, a few requests: checks the script works (CI)
+
+Everything runs on the CPU with the `tiny` model (real SD3 pipeline classes, random weights), against
+the real server (`bentoml serve`, a subprocess on loopback):
+
+(a) the serving tax: median end-to-end `POST /predict` latency minus the median of the same
+    generation called in-process (`generate_images` on the same tiny pipeline, in this process,
+    interleaved with the HTTP samples so that both see the same machine load), with the server's
+    per-stage breakdown (`timings_ms`). Configurations: the local store with fpng (the service as
+    shipped), the local store with Pillow's encoder (fpng hidden), and, when the Object Storage store
+    and its fake exist, an OCI Object Storage endpoint on loopback.
+(b) throughput and p50/p95 latency at 1, 2, 4 and 8 closed-loop clients, for the service and for a
+    naive baseline measured in the same run (`bench/naive_service`: generate, encode with Pillow's
+    defaults and store, serially inside the request). Clients that get 429 wait `Retry-After` and
+    send again; the latency counts from the first try.
+
+Writes bench/results/serving.json and bench/results/serving.png and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+SERVICE_DIR = REPO / "sd3-medium"
+sys.path.insert(0, str(SERVICE_DIR))
+sys.path.insert(0, str(REPO / "tests"))
+from machine import describe_machine, machine_line  # noqa: E402
+
+BENTOML = Path(sys.executable).with_name("bentoml")
+PROMPT = "a lighthouse on a cliff at dusk, oil painting"
+MD_PREDICT_TIMEOUT_S = 60  # OCI Model Deployment answers 500 to a predict call that takes longer
+TARGET_TAX_MS = {"local": 30, "object_storage": 60}
+TORCH_THREADS = os.cpu_count() or 1  # the servers and the in-process reference use the same number
+
+
+@dataclass
+class Plan:
+    size: int
+    steps: int
+    samples: int
+    throughput_size: int
+    throughput_steps: int
+    concurrency: list[int]
+    requests_per_client: int
+
+
+PLANS = {
+    "full": Plan(size=1024, steps=28, samples=5, throughput_size=1024, throughput_steps=4,
+                 concurrency=[1, 2, 4, 8], requests_per_client=3),
+    "quick": Plan(size=1024, steps=28, samples=3, throughput_size=1024, throughput_steps=4,
+                  concurrency=[1, 2, 4, 8], requests_per_client=2),
+    "smoke": Plan(size=256, steps=2, samples=2, throughput_size=256, throughput_steps=2,
+                  concurrency=[1, 2], requests_per_client=2),
+}
+
+
+# -- servers ----------------------------------------------------------------------------------------
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class Server:
+    name: str
+    url: str
+    process: subprocess.Popen
+    log_path: Path
+
+    def log_tail(self, lines: int = 40) -> str:
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+
+@contextmanager
+def running_server(name: str, workdir: Path, target: str, cwd: Path, ready_path: str,
+                   env: dict[str, str], timeout: float = 300):
+    """`bentoml serve` on a free loopback port, ready (ready_path answers 200) before the block runs."""
+    port = free_port()
+    workdir.mkdir(parents=True, exist_ok=True)
+    log_path = workdir / "server.log"
+    full_env = {**os.environ, "SD3_MODEL": "tiny", "IMAGE_DIR": str(workdir / "images"), "HF_HUB_OFFLINE": "1",
+                "BENTOML_HOME": str(workdir / "bentoml"), "BENTOML_DO_NOT_TRACK": "true",
+                "OMP_NUM_THREADS": str(TORCH_THREADS), **env}
+    with log_path.open("wb") as log:
+        process = subprocess.Popen([str(BENTOML), "serve", target, "--host", "127.0.0.1", "--port", str(port)],
+                                   cwd=cwd, env=full_env, stdout=log, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
+    server = Server(name, f"http://127.0.0.1:{port}", process, log_path)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"{name} exited with {process.returncode}:\n{server.log_tail()}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{name} not ready after {timeout} s:\n{server.log_tail()}")
+            try:
+                if httpx.get(server.url + ready_path, timeout=5).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.5)
+        yield server
+    finally:
+        try:
+            os.killpg(process.pid, signal.SIGTERM)  # bentoml serve runs its worker in its own session group
+            process.wait(timeout=30)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+
+
+def object_storage_available() -> bool:
+    try:
+        import fakes.object_storage  # noqa: F401
+        import sd3_service.object_storage  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@contextmanager
+def store_environment(store: str, workdir: Path):
+    """Environment variables for the server's store; for `object_storage`, a fake OCI endpoint on loopback."""
+    if store == "local":
+        yield {}
+        return
+    from fakes.object_storage import FakeObjectStorage
+    from fakes.oci_common import resource_principal
+
+    credentials = resource_principal(workdir / "oci")  # what Model Deployment gives the container
+    with FakeObjectStorage(namespace="benchns", buckets=("images",)) as fake:
+        fake.trust(credentials)  # the fake checks every request's signature against this key
+        yield {**credentials.env, "BUCKET_NAME": "images", "NAMESPACE": "benchns", "OCI_AUTH": "resource_principal",
+               "OCI_OBJECT_STORAGE_ENDPOINT": fake.endpoint}
+
+
+def our_service(workdir: Path, env: dict[str, str] | None = None, hide_fpng: bool = False):
+    extra = dict(env or {})
+    if hide_fpng:
+        extra["PYTHONPATH"] = os.pathsep.join(filter(None, [str(HERE / "without_fpng"), os.environ.get("PYTHONPATH")]))
+    return running_server("service", workdir, ".", SERVICE_DIR, "/health", extra)
+
+
+def naive_service(workdir: Path):
+    path = os.pathsep.join(filter(None, [str(SERVICE_DIR), os.environ.get("PYTHONPATH")]))
+    return running_server("naive", workdir, "service:NaiveSD3", HERE / "naive_service", "/readyz",
+                          {"PYTHONPATH": path})
+
+
+# -- requests -------------------------------------------------------------------------------------
+
+def body(size: int, steps: int, seed: int) -> dict:
+    return {"prompt": PROMPT, "num_inference_steps": steps, "guidance_scale": 7.0, "width": size,
+            "height": size, "seed": seed, "request_id": uuid.uuid4().hex}
+
+
+@dataclass
+class Answer:
+    status: int
+    seconds: float  # from the first try to the final answer
+    tries: int
+    json: dict | None
+
+
+def predict(client: httpx.Client, payload: dict, max_tries: int = 20) -> Answer:
+    """POST /predict; on 429 wait Retry-After and send again (the same request_id)."""
+    began = time.perf_counter()
+    for tries in range(1, max_tries + 1):
+        response = client.post("/predict", json=payload)
+        if response.status_code != 429:
+            break
+        time.sleep(float(response.headers.get("Retry-After", "1")))
+    seconds = time.perf_counter() - began
+    data = response.json() if response.headers.get("content-type", "").startswith("application/json") else None
+    return Answer(response.status_code, seconds, tries, data)
+
+
+def median(values) -> float | None:
+    values = list(values)
+    return statistics.median(values) if values else None
+
+
+def percentile(values, fraction: float) -> float | None:
+    values = sorted(values)
+    if not values:
+        return None
+    rank = fraction * (len(values) - 1)  # linear interpolation between closest ranks
+    low = int(rank)
+    high = min(low + 1, len(values) - 1)
+    return values[low] + (values[high] - values[low]) * (rank - low)
+
+
+def ms(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds * 1000, 1)
+
+
+# -- (a) the serving tax ----------------------------------------------------------------------------
+
+class InProcess:
+    """The same tiny pipeline in this process: the reference the tax is measured against."""
+
+    def __init__(self):
+        import torch
+
+        from sd3_service.tiny_model import build_tiny_pipeline
+
+        torch.set_num_threads(TORCH_THREADS)
+        self.pipe = build_tiny_pipeline()
+
+    def generate(self, payload: dict):
+        from sd3_service.contract import PredictRequest
+        from sd3_service.generation import generate_images
+
+        request = PredictRequest(**{k: v for k, v in payload.items() if k != "request_id"})
+        began = time.perf_counter()
+        images = generate_images(self.pipe, request, payload["seed"], "cpu")
+        return time.perf_counter() - began, images
+
+
+def encoded_sha256(image, pillow: bool) -> str:
+    """The sha256 the server reports for this image, encoding as the server does (fpng, or Pillow without it)."""
+    from sd3_service import generation
+
+    fpng = generation.fpng
+    generation.fpng = None if pillow else fpng
+    try:
+        return generation.encode_image(image, "png").sha256
+    finally:
+        generation.fpng = fpng
+
+
+def measure_tax(server: Server, reference: InProcess, plan: Plan, pillow: bool) -> dict:
+    """Interleave in-process generations and /predict calls with the same parameters and seeds."""
+    in_process, end_to_end, stages, same_image, stored = [], [], [], [], []
+    with httpx.Client(base_url=server.url, timeout=600) as client:
+        predict(client, body(plan.size, plan.steps, 10_000))  # first call at this size: allocations, caches
+        reference.generate(body(plan.size, plan.steps, 10_000))
+        for sample in range(plan.samples):
+            payload = body(plan.size, plan.steps, sample)
+            seconds, images = reference.generate(payload)
+            in_process.append(seconds)
+            answer = predict(client, payload)
+            if answer.status != 200:
+                raise RuntimeError(f"/predict answered {answer.status}: {answer.json}")
+            end_to_end.append(answer.seconds)
+            stages.append(answer.json["timings_ms"])
+            # Same weights, seed and parameters: the server's image should be the in-process one.
+            same_image.append(answer.json["images"][0]["sha256"] == encoded_sha256(images[0], pillow))
+            stored.append(answer.json["images"][0])
+    generate_ms = [s["generate"] for s in stages]
+    return {
+        "samples": plan.samples,
+        "in_process_ms": [ms(s) for s in in_process],
+        "end_to_end_ms": [ms(s) for s in end_to_end],
+        "timings_ms": stages,
+        "median_in_process_ms": ms(median(in_process)),
+        "median_end_to_end_ms": ms(median(end_to_end)),
+        "tax_ms": ms(median(end_to_end) - median(in_process)),
+        # Per request, end to end minus the server's own generate time: the same tax without the noise
+        # of two different generations.
+        "median_overhead_per_request_ms": round(median(e * 1000 - g for e, g in zip(end_to_end, generate_ms)), 1),
+        "median_stage_ms": {k: median(s[k] for s in stages) for k in stages[0]},
+        "server_image_equals_in_process_image": all(same_image),
+        "all_stored": all(image["stored"] for image in stored),
+        "example_uri": stored[0]["uri"],
+    }
+
+
+# -- (b) throughput under concurrent clients ---------------------------------------------------------
+
+def measure_load(server: Server, plan: Plan, clients: int) -> dict:
+    """`clients` closed-loop clients, each sending `requests_per_client` requests back to back."""
+    answers: list[Answer] = []
+    lock = threading.Lock()
+
+    def client_loop(index: int):
+        with httpx.Client(base_url=server.url, timeout=600) as client:
+            for n in range(plan.requests_per_client):
+                answer = predict(client, body(plan.throughput_size, plan.throughput_steps, 1000 * index + n))
+                with lock:
+                    answers.append(answer)
+
+    began = time.perf_counter()
+    threads = [threading.Thread(target=client_loop, args=(i,)) for i in range(clients)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    wall = time.perf_counter() - began
+    ok = [a for a in answers if a.status == 200]
+    latencies = [a.seconds for a in ok]
+    generate_ms = [a.json["timings_ms"]["generate"] for a in ok if a.json and "timings_ms" in a.json]
+    return {
+        "clients": clients, "requests": len(answers), "ok": len(ok),
+        "failed": len(answers) - len(ok), "statuses": sorted({a.status for a in answers}),
+        "retried_after_429": sum(a.tries > 1 for a in answers),
+        "over_60s": sum(a.seconds > MD_PREDICT_TIMEOUT_S for a in answers),
+        "wall_s": round(wall, 2), "throughput_per_s": round(len(ok) / wall, 4),
+        "p50_ms": ms(percentile(latencies, 0.50)), "p95_ms": ms(percentile(latencies, 0.95)),
+        "median_generate_ms": median(generate_ms),
+        "generator_busy_fraction": round(sum(generate_ms) / 1000 / wall, 3) if generate_ms else None,
+    }
+
+
+def measure_throughput(server: Server, plan: Plan) -> list[dict]:
+    with httpx.Client(base_url=server.url, timeout=600) as client:
+        predict(client, body(plan.throughput_size, plan.throughput_steps, 99_999))  # warm at this size
+    return [measure_load(server, plan, clients) for clients in plan.concurrency]
+
+
+def in_process_generation_s(reference: InProcess, plan: Plan, samples: int) -> list[float]:
+    reference.generate(body(plan.throughput_size, plan.throughput_steps, 0))
+    return [reference.generate(body(plan.throughput_size, plan.throughput_steps, s))[0] for s in range(samples)]
+
+
+# -- report -------------------------------------------------------------------------------------------
+
+def print_report(report: dict) -> None:
+    plan = report["plan"]
+    print(f"\n(a) serving tax, {plan['size']}x{plan['size']}, {plan['steps']} steps, CFG 7, "
+          f"median of {plan['samples']} (ms)")
+    print(f"  {'configuration':34} {'in-proc':>8} {'e2e':>8} {'tax':>7} {'e2e-gen':>8} {'queue':>6} "
+          f"{'gen':>7} {'encode':>7} {'store':>6}  target")
+    for name, row in report["serving_tax"].items():
+        stage = row["median_stage_ms"]
+        target = TARGET_TAX_MS.get(row["store"])
+        print(f"  {name:34} {row['median_in_process_ms']:8.0f} {row['median_end_to_end_ms']:8.0f} "
+              f"{row['tax_ms']:7.0f} {row['median_overhead_per_request_ms']:8.0f} {stage['queue']:6.0f} "
+              f"{stage['generate']:7.0f} {stage['encode']:7.0f} {stage['store']:6.0f}  <= {target}")
+    print(f"\n(b) throughput, {plan['throughput_size']}x{plan['throughput_size']}, {plan['throughput_steps']} steps, "
+          f"CFG 7, {plan['requests_per_client']} requests per client; in-process generation "
+          f"{report['throughput_reference']['median_in_process_ms']:.0f} ms (1/gen = "
+          f"{report['throughput_reference']['ideal_per_s']:.3f}/s)")
+    print(f"  {'system':8} {'clients':>7} {'ok/sent':>8} {'429s':>5} {'img/s':>7} {'x 1/gen':>8} {'p50 ms':>8} "
+          f"{'p95 ms':>8} {'gen busy':>8}")
+    ideal = report["throughput_reference"]["ideal_per_s"]
+    for system, rows in report["throughput"].items():
+        for row in rows:
+            busy = "" if row["generator_busy_fraction"] is None else f"{row['generator_busy_fraction']:.2f}"
+            print(f"  {system:8} {row['clients']:7d} {row['ok']:>4}/{row['requests']:<3} "
+                  f"{row['retried_after_429']:5d} {row['throughput_per_s']:7.3f} "
+                  f"{row['throughput_per_s'] / ideal:8.2f} {row['p50_ms']:8.0f} {row['p95_ms']:8.0f} {busy:>8}")
+
+
+def plot(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (tax_ax, rate_ax, latency_ax) = plt.subplots(1, 3, figsize=(16, 4.8))
+    names = list(report["serving_tax"])
+    rows = [report["serving_tax"][n] for n in names]
+    x = range(len(names))
+    tax_ax.bar([i - 0.2 for i in x], [r["tax_ms"] for r in rows], 0.4, label="median e2e - median in-process")
+    tax_ax.bar([i + 0.2 for i in x], [r["median_overhead_per_request_ms"] for r in rows], 0.4,
+               label="median per request (e2e - server generate)")
+    tax_ax.bar([i + 0.2 for i in x], [r["median_stage_ms"]["encode"] for r in rows], 0.4, fill=False,
+               hatch="//", label="of which encode")
+    for target in sorted(set(TARGET_TAX_MS.values())):
+        tax_ax.axhline(target, color="grey", linestyle=":", linewidth=1)
+    tax_ax.set_xticks(list(x), [n.replace(", ", "\n") for n in names], fontsize=8)
+    tax_ax.set_ylabel("ms per request")
+    plan = report["plan"]
+    tax_ax.set_title(f"serving tax, {plan['size']}², {plan['steps']} steps (targets dotted)")
+    tax_ax.legend(fontsize=7)
+
+    ideal = report["throughput_reference"]["ideal_per_s"]
+    for system, rows in report["throughput"].items():
+        clients = [r["clients"] for r in rows]
+        rate_ax.plot(clients, [r["throughput_per_s"] for r in rows], marker="o", label=system)
+        latency_ax.plot(clients, [r["p50_ms"] / 1000 for r in rows], marker="o", label=f"{system} p50")
+        latency_ax.plot(clients, [r["p95_ms"] / 1000 for r in rows], marker="x", linestyle="--",
+                        label=f"{system} p95")
+    rate_ax.axhline(ideal, color="grey", linestyle=":", label="1 / in-process generation")
+    rate_ax.axhline(0.95 * ideal, color="grey", linestyle="--", linewidth=0.8, label="0.95 x that")
+    for ax in (rate_ax, latency_ax):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(plan["concurrency"], [str(c) for c in plan["concurrency"]])
+        ax.set_xlabel("concurrent clients")
+        ax.legend(fontsize=7)
+    rate_ax.set_ylim(bottom=0)
+    rate_ax.set_ylabel("images / s")
+    rate_ax.set_title(f"throughput, {plan['throughput_size']}², {plan['throughput_steps']} steps")
+    latency_ax.set_ylabel("latency, s")
+    latency_ax.set_title("latency under load")
+    fig.suptitle(f"tiny SD3 on CPU: {report['machine']['cpu']}, {report['machine']['cores']} cores, "
+                 f"load at start {report['machine']['load_average_1_5_15']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--quick", action="store_const", dest="plan", const="quick", help="fewer samples")
+    mode.add_argument("--smoke", action="store_const", dest="plan", const="smoke",
+                      help="tiny sizes and a few requests: checks that the benchmark works")
+    parser.add_argument("--out-dir", type=Path, default=HERE / "results")
+    parser.add_argument("--name", default=None, help="result file stem (default serving, or serving-smoke)")
+    parser.add_argument("--skip-pillow", action="store_true", help="do not measure the Pillow-encoder server")
+    args = parser.parse_args(argv)
+    plan_name = args.plan or "full"
+    plan = PLANS[plan_name]
+    stem = args.name or ("serving" if plan_name != "smoke" else "serving-smoke")
+
+    machine = describe_machine()
+    print(machine_line(machine))
+    print(f"plan {plan_name}: {plan}")
+    started = time.perf_counter()
+    reference = InProcess()
+    report = {"benchmark": "serving", "plan_name": plan_name, "plan": plan.__dict__, "machine": machine,
+              "torch_threads": TORCH_THREADS,
+              "model": "tiny (random weights, real SD3 pipeline classes), CPU float32",
+              "serving_tax": {}, "throughput": {}}
+
+    configurations = [("service, local store, fpng", "local", False)]
+    if not args.skip_pillow:
+        configurations.append(("service, local store, Pillow PNG", "local", True))
+    if object_storage_available():
+        configurations.append(("service, Object Storage (loopback), fpng", "object_storage", False))
+    else:
+        report["object_storage_skipped"] = "sd3_service/object_storage.py or tests/fakes/object_storage.py missing"
+        print("Object Storage configuration skipped: its store or fake is not there yet")
+
+    with tempfile.TemporaryDirectory(prefix="sd3-bench-") as tmp:
+        tmp = Path(tmp)
+        for index, (name, store, hide_fpng) in enumerate(configurations):
+            print(f"(a) {name} ...", flush=True)
+            with store_environment(store, tmp / f"store{index}") as env, \
+                    our_service(tmp / f"service{index}", env, hide_fpng) as server:
+                report["serving_tax"][name] = {"store": store, "png_encoder": "pillow" if hide_fpng else "fpng",
+                                               **measure_tax(server, reference, plan, hide_fpng)}
+                if index == 0:  # the service as shipped (local store, fpng): also under load
+                    print("(b) in-process reference for throughput ...", flush=True)
+                    seconds = in_process_generation_s(reference, plan, max(2, plan.samples))
+                    report["throughput_reference"] = {"in_process_ms": [ms(s) for s in seconds],
+                                                      "median_in_process_ms": ms(median(seconds)),
+                                                      "ideal_per_s": round(1 / median(seconds), 4)}
+                    print("(b) service under load ...", flush=True)
+                    report["throughput"]["service"] = measure_throughput(server, plan)
+            if index == 0:  # right after, so that both see the same machine
+                print("(b) naive baseline under load ...", flush=True)
+                with naive_service(tmp / "load-naive") as server:
+                    report["throughput"]["naive"] = measure_throughput(server, plan)
+
+    report["load_average_at_end"] = describe_machine(())["load_average_1_5_15"]
+    report["run_seconds"] = round(time.perf_counter() - started, 1)
+    print_report(report)
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    json_path, png_path = args.out_dir / f"{stem}.json", args.out_dir / f"{stem}.png"
+    json_path.write_text(json.dumps(report, indent=2) + "\n")
+    plot(report, png_path)
+    print(f"\nwrote {json_path} and {png_path} ({report['run_seconds']:.0f} s; load at end "
+          f"{report['load_average_at_end']})")
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,78 @@
+"""The benchmarks still run: bench/gpu_sd3.py in its reduced configuration, bench/serving.py in --smoke mode.
+
+They check what the scripts report (every request answered and stored, the server's image equal to
+the in-process one, fp32 against itself exact), never how fast anything was.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run(script: str, *args: str, timeout: float) -> str:
+    done = subprocess.run([sys.executable, str(REPO / "bench" / script), *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=timeout)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done.stdout
+
+
+def test_full_size_configs_count_sd3_mediums_flops_and_parameters(tmp_path):
+    run("gpu_sd3.py", "--count-flops-only", "--out", str(tmp_path / "flops.json"), timeout=120)
+    report = json.loads((tmp_path / "flops.json").read_text())
+    # design.md §6: about 515 TFLOP per 1024x1024 image at 28 steps with CFG.
+    assert 505e12 < report["full_size_flops_per_image"]["total"] < 525e12
+    params = report["full_size_parameters"]
+    assert 2.0e9 < params["transformer"] < 2.1e9  # "2B" SD3 Medium
+    assert 4.7e9 < params["text_encoder_3"] < 4.8e9  # the T5 v1.1 XXL encoder
+    assert 0.69e9 < params["text_encoder_2"] < 0.70e9 and 0.12e9 < params["text_encoder"] < 0.13e9
+
+
+def test_gpu_benchmark_runs_its_reduced_configuration(tmp_path):
+    run("gpu_sd3.py", "--reduced", "--out", str(tmp_path / "gpu.json"), timeout=300)
+    report = json.loads((tmp_path / "gpu.json").read_text())
+    variants = {v["variant"]: v for v in report["variants"]}
+    reference = variants["eager fp32 (reference)"]
+    assert reference["vs_fp32"] == {"finite": True, "psnr_db": float("inf"), "max_abs_diff_8bit": 0,
+                                    "mean_abs_diff_8bit": 0.0}
+    expected = {"eager fp16", "eager bf16", "fp16 + fused QKV", "fp16 + channels-last VAE", "fp16 + T5 dropped"}
+    assert expected <= set(variants)
+    for variant in variants.values():
+        assert variant["median_s_per_image"] > 0 and variant["vs_fp32"]["finite"]
+    # Fusing QKV and the VAE's memory layout change the arithmetic only by rounding; dropping T5 changes the input.
+    fp16 = variants["eager fp16"]["vs_fp32"]["psnr_db"]
+    assert abs(variants["fp16 + fused QKV"]["vs_fp32"]["psnr_db"] - fp16) < 3
+    assert variants["fp16 + T5 dropped"]["vs_fp32"]["psnr_db"] < fp16 - 10
+    if not torch.cuda.is_available():
+        assert report["configuration"] == "reduced (CPU check)"
+        assert report["skipped"] and all(why == "needs CUDA" and ("compile" in name or "offload" in name)
+                                         for name, why in report["skipped"].items())
+
+
+def test_serving_benchmark_smoke(tmp_path):
+    run("serving.py", "--smoke", "--out-dir", str(tmp_path), timeout=400)
+    report = json.loads((tmp_path / "serving-smoke.json").read_text())
+    tax = report["serving_tax"]
+    assert {"service, local store, fpng", "service, local store, Pillow PNG"} <= set(tax)
+    for row in tax.values():
+        assert row["all_stored"] and row["server_image_equals_in_process_image"]
+        assert len(row["end_to_end_ms"]) == len(row["in_process_ms"]) == report["plan"]["samples"]
+        assert set(row["median_stage_ms"]) == {"queue", "generate", "encode", "store"}
+    assert {row["png_encoder"] for row in tax.values()} == {"fpng", "pillow"}
+    if "service, Object Storage (loopback), fpng" in tax:
+        assert tax["service, Object Storage (loopback), fpng"]["example_uri"].startswith("oci://")
+    for system in ("service", "naive"):
+        rows = report["throughput"][system]
+        assert [row["clients"] for row in rows] == report["plan"]["concurrency"]
+        for row in rows:  # nothing lost
+            assert row["ok"] == row["requests"] == row["clients"] * report["plan"]["requests_per_client"]
+            assert row["throughput_per_s"] > 0 and row["p95_ms"] >= row["p50_ms"] > 0
+    with Image.open(tmp_path / "serving-smoke.png") as plot:
+        assert plot.format == "PNG" and plot.width > 500
