@@ -224,11 +224,15 @@ def test_lock_is_what_this_venv_runs():
 def test_lock_resolves_on_pypi_to_itself(tmp_path):
     """pip, on PyPI alone as in the image, resolves the lock (dependencies included) to exactly its pins.
 
-    The machine's pip configuration (local mirrors, caps) is left out. Where the machine offers the CPU
-    wheel of torch (PIP_FIND_LINKS), it stands in for the CUDA build the image takes from the PyTorch index.
+    The machine's pip configuration (local mirrors, caps) is left out but for its find-links: where the
+    machine offers the CPU wheel of torch, it stands in for the CUDA build the image takes from the PyTorch
+    index (elsewhere pip resolves PyPI's CUDA torch, whose CUDA libraries the lock leaves to torch).
     """
+    configured = subprocess.run([sys.executable, "-m", "pip", "config", "get", "global.find-links"],
+                                capture_output=True, text=True).stdout.split()
+    find_links = [arg for link in configured for arg in ("--find-links", link)]
     report = tmp_path / "report.json"
-    run = subprocess.run([sys.executable, "-m", "pip", "install", "--index-url", "https://pypi.org/simple",
+    run = subprocess.run([sys.executable, "-m", "pip", "install", "--index-url", "https://pypi.org/simple", *find_links,
                           "--dry-run", "--ignore-installed", "--quiet", "--disable-pip-version-check",
                           "--report", str(report), "-r", str(LOCK)],
                          env={**os.environ, "PIP_CONFIG_FILE": os.devnull}, capture_output=True, text=True,
