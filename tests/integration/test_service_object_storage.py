@@ -35,7 +35,7 @@ def principal(fake, tmp_path_factory):
 
 def bucket_env(fake, spool_dir, **extra) -> dict[str, str]:
     return {"BUCKET_NAME": "images", "OCI_OBJECT_STORAGE_ENDPOINT": fake.endpoint, "SPOOL_DIR": str(spool_dir),
-            "STORE_TIMEOUT_SECONDS": "6", **extra}
+            "STORE_TIMEOUT_SECONDS": "10", **extra}
 
 
 @pytest.fixture(scope="module")
