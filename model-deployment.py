@@ -40,7 +40,8 @@ def _setting(parser: argparse._ActionsContainer, key: str, **kwargs) -> None:
     parser.add_argument(f"--{key.replace('_', '-')}", dest=key, default=None, help=setting_help(key), **kwargs)
 
 
-def _common(parser: argparse.ArgumentParser, *, dry_run: bool = True, wait: bool = False) -> None:
+def _common(parser: argparse.ArgumentParser, *, dry_run: bool = True, wait: bool = False,
+            timeouts: bool = False) -> None:
     group = parser.add_argument_group("configuration and authentication")
     group.add_argument("--config", type=Path, default=None,
                        help="settings file [default: ./deploy.toml if it exists] (env SD3_DEPLOY_CONFIG)")
@@ -55,6 +56,7 @@ def _common(parser: argparse.ArgumentParser, *, dry_run: bool = True, wait: bool
     if wait:
         group.add_argument("--no-wait", dest="wait", action="store_const", const=False, default=None,
                            help="return once OCI accepted the request (env SD3_DEPLOY_WAIT=false)")
+    if wait or timeouts:
         _setting(group, "wait_timeout", type=float)
         _setting(group, "poll_interval", type=float)
 
@@ -127,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
                 "artifact_bucket and export_model_artifact.",
                 "python model-deployment.py register --compartment-id ocid1.compartment... --project-id "
                 "ocid1.datascienceproject...")
-    _common(p, wait=True)
+    _common(p, timeouts=True)  # the export of a large artifact is always followed to the end
     _artifact_options(p)
     p.add_argument("--no-package", action="store_true",
                    help="upload the zip already at --artifact instead of packaging anew")
@@ -162,11 +164,14 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p, wait=True)
     _deployment_ref(p)
     group = p.add_argument_group("changes")
-    group.add_argument("--model", dest="change_model", help="new model OCID or display name (newest of that name)")
-    group.add_argument("--image", dest="change_image", help="new OCIR image")
-    group.add_argument("--image-digest", dest="change_image_digest", help="digest (sha256:...) of the new image")
-    group.add_argument("--instance-count", dest="change_instance_count", type=int, help="new fixed instance count")
-    group.add_argument("--shape", dest="change_shape", help="new compute shape, e.g. VM.GPU.A10.2")
+    group.add_argument("--model", dest="change_model", metavar="OCID|NAME",
+                       help="new model: an OCID, or a display name (the newest ACTIVE model of that name)")
+    group.add_argument("--image", dest="change_image", metavar="IMAGE", help="new OCIR image (drops the old digest)")
+    group.add_argument("--image-digest", dest="change_image_digest", metavar="DIGEST",
+                       help="digest (sha256:...) pinning the image")
+    group.add_argument("--instance-count", dest="change_instance_count", type=int, metavar="N",
+                       help="new fixed instance count")
+    group.add_argument("--shape", dest="change_shape", metavar="SHAPE", help="new compute shape, e.g. VM.GPU.A10.2")
 
     p = command("delete", "Delete a model deployment (the model stays in the catalog).",
                 "python model-deployment.py delete sd3-medium")
@@ -180,17 +185,21 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     _deployment_ref(p)
     group = p.add_argument_group("request (see the service's POST /predict contract)")
-    group.add_argument("--prompt", help="what to draw")
-    group.add_argument("--body", help="the whole JSON body; other request flags override its fields")
-    group.add_argument("--negative-prompt", dest="negative_prompt")
-    group.add_argument("--steps", dest="num_inference_steps", type=int, help="inference steps, 1-50")
-    group.add_argument("--guidance-scale", dest="guidance_scale", type=float, help="0-20")
-    group.add_argument("--width", type=int, help="256-1536, multiple of 16")
-    group.add_argument("--height", type=int, help="256-1536, multiple of 16")
-    group.add_argument("--seed", type=int, help="0 to 2^32-1, for a reproducible image")
-    group.add_argument("--num-images", dest="num_images", type=int, help="1-4")
+    group.add_argument("--prompt", metavar="TEXT", help="what to draw")
+    group.add_argument("--body", metavar="JSON", help="the whole JSON body; the other request flags override its fields")
+    group.add_argument("--negative-prompt", dest="negative_prompt", metavar="TEXT", help="what not to draw")
+    group.add_argument("--steps", dest="num_inference_steps", type=int, metavar="N",
+                       help="num_inference_steps, 1-50 [service default: 28]")
+    group.add_argument("--guidance-scale", dest="guidance_scale", type=float, metavar="X",
+                       help="0-20 [service default: 7.0]")
+    group.add_argument("--width", type=int, metavar="PX", help="256-1536, multiple of 16 [service default: 1024]")
+    group.add_argument("--height", type=int, metavar="PX", help="256-1536, multiple of 16 [service default: 1024]")
+    group.add_argument("--seed", type=int, help="0 to 2^32-1, for a reproducible image [default: random]")
+    group.add_argument("--num-images", dest="num_images", type=int, metavar="N", help="1-4 [service default: 1]")
     group.add_argument("--output-format", dest="output_format", choices=("png", "jpeg", "webp"))
-    group.add_argument("--request-id", dest="request_id", help="idempotency key: the same id returns the first answer")
+    group.add_argument("--request-id", dest="request_id", metavar="ID",
+                       help="idempotency key [default: a fresh one]; repeating a failed call with the same id "
+                            "returns its first answer instead of generating again")
     group.add_argument("--download", type=Path, metavar="DIR", help="save the images into DIR")
     return parser
 

@@ -187,7 +187,8 @@ def status(settings: DeploySettings, ref: str, as_json: bool = False) -> None:
         result(f"id:        {deployment.id}")
         result(f"state:     {deployment.lifecycle_state}" +
                (f" - {deployment.lifecycle_details}" if deployment.lifecycle_details else ""))
-        result(f"predict:   {build.predict_url(deployment.model_deployment_url or '-')}")
+        result("predict:   " + (build.predict_url(deployment.model_deployment_url)
+                                if deployment.model_deployment_url else "-"))
         result(f"model:     {model.model_id}")
         result(f"image:     {image}")
         result(f"shape:     {model.instance_configuration.instance_shape_name}, "

@@ -98,7 +98,9 @@ def describe_error(exc: BaseException) -> tuple[str, int] | None:
     if isinstance(exc, (oci.exceptions.RequestException, sdk_requests.exceptions.RequestException)):
         return f"network error: {describe_network_error(exc)}", 1
     if isinstance(exc, oci.exceptions.MultipartUploadError):
-        return f"upload failed: {exc.error_causes or exc}", 1
+        causes = [describe_service_error(c) if isinstance(c, oci.exceptions.ServiceError) else str(c)
+                  for c in exc.error_causes] or [str(exc)]
+        return f"upload failed: {'; '.join(dict.fromkeys(causes))}", 1
     if isinstance(exc, (oci.exceptions.ClientError, FileNotFoundError)):
         return f"error: {exc}", 2
     return None

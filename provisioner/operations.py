@@ -104,10 +104,14 @@ def upload_artifact_via_bucket(client: oci.data_science.DataScienceClient,
         raise ConfigError("the region of the artifact bucket is unknown; set --region")
     namespace = settings.artifact_namespace or storage.get_namespace().data
     object_name = build.artifact_object_name(settings, artifact)
-    with byte_progress("uploading artifact to bucket", artifact.size) as advance:
-        UploadManager(storage).upload_file(namespace, settings.artifact_bucket, object_name, str(artifact.path),
-                                           part_size=settings.part_size, progress_callback=advance,
-                                           content_type="application/zip")
+    try:
+        with byte_progress("uploading artifact to bucket", artifact.size) as advance:
+            UploadManager(storage).upload_file(namespace, settings.artifact_bucket, object_name,
+                                               str(artifact.path), part_size=settings.part_size,
+                                               progress_callback=advance, content_type="application/zip")
+    except BaseException:
+        abort_multipart_uploads(storage, namespace, settings.artifact_bucket, object_name)
+        raise
     info(f"uploaded oci://{settings.artifact_bucket}@{namespace}/{object_name}")
     export = build.build_export_details(namespace, settings.artifact_bucket, object_name, region)
     response = client.export_model_artifact(model_id, export)
@@ -115,6 +119,19 @@ def upload_artifact_via_bucket(client: oci.data_science.DataScienceClient,
     if not work_request_id:
         raise OperationFailed("export_model_artifact answered without an opc-work-request-id to follow")
     follow_work_request(client, work_request_id, "importing artifact", settings)
+
+
+def abort_multipart_uploads(storage: oci.object_storage.ObjectStorageClient, namespace: str, bucket: str,
+                            object_name: str) -> None:
+    """Best effort: drop the uncommitted parts a failed upload left behind (they are billed until aborted)."""
+    try:
+        uploads = list_call_get_all_results(storage.list_multipart_uploads, namespace, bucket).data
+        for upload in uploads:
+            if upload.object == object_name:
+                storage.abort_multipart_upload(namespace, bucket, object_name, upload.upload_id)
+                info(f"aborted the unfinished multipart upload {upload.upload_id}")
+    except (oci.exceptions.ServiceError, oci.exceptions.RequestException) as exc:
+        warn(f"could not abort the unfinished upload of {object_name}: {exc}")
 
 
 # --- work requests ---------------------------------------------------------------------------

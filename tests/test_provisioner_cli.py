@@ -174,6 +174,21 @@ def test_register_of_a_large_artifact_goes_multipart_through_the_bucket_and_foll
     assert_all_signed_by(cloud, cloud.credentials.key_id)
 
 
+def test_register_fails_clearly_when_a_part_upload_is_refused(cloud):
+    cloud.storage.fail_next(status=400, code="InvalidParameter",
+                            when=lambda request: request.method == "PUT" and "/u/" in request.path)
+
+    result = cloud.run("register", "--large-artifact-threshold", "1", "--part-size", "16384",
+                       "--artifact-bucket", "artifacts")
+
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "OCI error: 400 InvalidParameter: injected fault: InvalidParameter (upload_part" in result.stderr
+    (model_id,) = cloud.data_science.models
+    assert f"model {model_id} was created but has no artifact" in result.stderr
+    assert cloud.data_science.seen("POST", "/actions/exportArtifact") == []
+    assert len(cloud.storage.seen("DELETE", "/b/artifacts/u/")) == 1 and cloud.storage.uploads == {}  # aborted
+
+
 def test_register_fails_clearly_when_the_export_work_request_fails(cloud):
     cloud.data_science.object_storage = None  # the service cannot find the uploaded object
 

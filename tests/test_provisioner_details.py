@@ -292,3 +292,12 @@ def test_predict_body_from_prompt_flags_and_json():
         build.build_predict_body(None, '{"seed": 1}', {})
     with pytest.raises(ConfigError, match="not valid JSON"):
         build.build_predict_body(None, "{", {})
+
+
+def test_the_example_config_is_valid_and_builds_a_deployment():
+    example = Path(__file__).parent.parent / "deploy.example.toml"
+    resolved = resolve_settings({}, {}, example, config_required=True)
+    assert (resolved.shape, resolved.instance_count, resolved.auth) == ("VM.GPU.A10.1", 1, "api_key")
+    assert set(resolved.environment) == {"BUCKET_NAME", "NAMESPACE", "OBJECT_PREFIX"}
+    built = build.build_deployment_details(resolved, MODEL_ID)
+    assert built.model_deployment_configuration_details.environment_configuration_details.image == resolved.image
