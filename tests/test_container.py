@@ -284,7 +284,8 @@ def test_baked_weights_load_offline_without_a_download_warning(tmp_path):
     """The bake step of the Dockerfile, then the image's ENV: the loader finds the weights in the cache.
 
     The hub is not reachable here, so the cache is filled first with a saved tiny pipeline, laid out as
-    a download leaves it; the bake step and the loader then run offline against it, as in the image.
+    a download with SD3_BAKE_T5=false leaves it (no T5 folders); the bake step and the loader then run
+    offline against it, with the ENV the image gets from those build arguments.
     """
     repo_id = "example/sd3-tiny"
     commit = "0123456789abcdef0123456789abcdef01234567"
@@ -296,6 +297,8 @@ def test_baked_weights_load_offline_without_a_download_warning(tmp_path):
     save = f"from sd3_service.tiny_model import build_tiny_pipeline; " \
            f"build_tiny_pipeline().save_pretrained({str(repo / 'snapshots' / commit)!r})"
     subprocess.run([sys.executable, "-c", save], cwd=SERVICE_DIR, env=env, check=True, timeout=300)
+    for folder in ("text_encoder_3", "tokenizer_3"):  # what SD3_BAKE_T5=false leaves out of the download
+        shutil.rmtree(repo / "snapshots" / commit / folder)
 
     bake = next(c for c in instructions("RUN") if "SD3_BAKE_MODEL" in c.value[0]).value[0]
     args = {"SD3_BAKE_MODEL": repo_id, "SD3_BAKE_T5": "false"}
@@ -308,12 +311,13 @@ def test_baked_weights_load_offline_without_a_download_warning(tmp_path):
     unbaked = image_env()
     assert (unbaked["SD3_MODEL"], unbaked["HF_HUB_OFFLINE"]) == ("auto", "")
     load = "from sd3_service.model_loading import load_pipeline; from sd3_service.settings import Settings; " \
-           "loaded = load_pipeline(Settings()); print(loaded.source.kind, type(loaded.pipe).__name__)"
+           "loaded = load_pipeline(Settings()); " \
+           "print(loaded.source.kind, type(loaded.pipe).__name__, loaded.pipe.text_encoder_3 is None)"
     run = subprocess.run([sys.executable, "-c", load], cwd=SERVICE_DIR, capture_output=True, text=True,
                          env={**env, **{k: baked[k] for k in ("SD3_MODEL", "HF_HUB_OFFLINE", "SD3_T5")},
                               "SD3_DEVICE": "cpu"}, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
-    assert run.stdout.split() == ["hub", "StableDiffusion3Pipeline"]
+    assert run.stdout.split()[-3:] == ["hub", "StableDiffusion3Pipeline", "True"]
     assert "Downloading" not in run.stderr
 
 
