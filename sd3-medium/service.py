@@ -32,7 +32,8 @@ if not log.handlers:
 
 PREDICT_ROUTE = SETTINGS.model_deploy_predict_endpoint
 HEALTH_ROUTE = SETTINGS.model_deploy_health_endpoint
-routes = FastAPI(title="health")  # GET routes; BentoML's own APIs are POST-only
+# GET routes (BentoML's own APIs are POST-only); BentoML serves the API page, so FastAPI serves none.
+routes = FastAPI(title="health", docs_url=None, redoc_url=None, openapi_url=None)
 
 
 @bentoml.service(
@@ -92,6 +93,9 @@ class SD3Medium:
             return error_response(503, "not_ready", str(exc), headers={"Retry-After": "10"})
         except QueueFull as exc:
             return error_response(429, "queue_full", str(exc), headers={"Retry-After": str(exc.retry_after)})
+        except Exception:  # a bug: log it whole, answer in the contract's shape without internals
+            log.exception("Request failed")
+            return error_response(500, "internal_error", "generation failed; the server log has the details")
 
 
 SD3Medium.add_asgi_middleware(

@@ -53,6 +53,7 @@ def start_server(tmp: Path, env: dict[str, str] | None = None, wait_ready: bool 
         **os.environ,
         "SD3_MODEL": "tiny",
         "IMAGE_DIR": str(image_dir),
+        "SPOOL_DIR": str(tmp / "spool"),  # private: servers must not upload each other's leftovers
         "HF_HUB_OFFLINE": "1",
         "BENTOML_HOME": str(tmp / "bentoml"),
         "OMP_NUM_THREADS": "1",  # the suite shares two cores with the server
