@@ -51,12 +51,10 @@ def _artifact_upload_plan(settings: DeploySettings, artifact: ArtifactInfo, mode
     if not build.uses_bucket(settings, artifact):
         return [{"operation": "create_model_artifact", "model_id": model_id, "body": str(artifact.path),
                  "content_length": artifact.size, "content_disposition": build.artifact_content_disposition(settings)}]
-    if not settings.artifact_bucket:
-        raise ConfigError(f"the artifact is {artifact.size} bytes, at least large_artifact_threshold "
-                          f"({settings.large_artifact_threshold}); set artifact_bucket to upload it through a bucket")
+    region = clients.config_file_region(settings) or "<region of the principal>"
+    build.check_artifact_upload(settings, artifact, region)
     namespace = settings.artifact_namespace or "<namespace of this tenancy, looked up>"
     object_name = build.artifact_object_name(settings, artifact)
-    region = clients.config_file_region(settings) or "<region>"
     export = build.build_export_details(namespace, settings.artifact_bucket, object_name, region)
     return [
         {"operation": "upload_file (multipart)", "namespace": namespace, "bucket": settings.artifact_bucket,

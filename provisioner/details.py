@@ -65,6 +65,17 @@ def uses_bucket(settings: DeploySettings, artifact: ArtifactInfo) -> bool:
     return artifact.size >= settings.large_artifact_threshold
 
 
+def check_artifact_upload(settings: DeploySettings, artifact: ArtifactInfo, region: str | None) -> None:
+    """Refuse, before any call, an upload that cannot work: a large artifact needs a bucket and its region."""
+    if not uses_bucket(settings, artifact):
+        return
+    if not settings.artifact_bucket:
+        raise ConfigError(f"the artifact is {artifact.size} bytes, at least large_artifact_threshold "
+                          f"({settings.large_artifact_threshold}); set artifact_bucket to upload it through a bucket")
+    if not region:
+        raise ConfigError("the region of the artifact bucket is unknown; set region")
+
+
 def artifact_object_name(settings: DeploySettings, artifact: ArtifactInfo) -> str:
     """Object name of an artifact in the bucket; content-addressed, so a re-upload of the same zip is harmless."""
     return f"{settings.artifact_prefix}{settings.name}-{artifact.sha256[:16]}.zip"

@@ -68,6 +68,7 @@ def resolve_deployment(client: oci.data_science.DataScienceClient, compartment_i
 def register_model(client: oci.data_science.DataScienceClient, storage: Any, settings: DeploySettings,
                    artifact: ArtifactInfo, model_details: ds.CreateModelDetails, region: str | None) -> ds.Model:
     """Create the catalog entry and attach the artifact, directly or through a bucket; `storage` makes the Object Storage client."""
+    build.check_artifact_upload(settings, artifact, region)  # before the model exists
     model = client.create_model(model_details).data
     info(f"created model {model.id}")
     try:
@@ -97,11 +98,7 @@ def upload_artifact_via_bucket(client: oci.data_science.DataScienceClient,
                                storage: oci.object_storage.ObjectStorageClient, settings: DeploySettings,
                                model_id: str, artifact: ArtifactInfo, region: str | None) -> None:
     """Multipart-upload the zip to the artifact bucket, export_model_artifact from there, follow the work request."""
-    if not settings.artifact_bucket:
-        raise ConfigError(f"the artifact is {artifact.size} bytes, at least large_artifact_threshold "
-                          f"({settings.large_artifact_threshold}); set artifact_bucket to upload it through a bucket")
-    if not region:
-        raise ConfigError("the region of the artifact bucket is unknown; set --region")
+    build.check_artifact_upload(settings, artifact, region)
     namespace = settings.artifact_namespace or storage.get_namespace().data
     object_name = build.artifact_object_name(settings, artifact)
     try:

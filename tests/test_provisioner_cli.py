@@ -174,6 +174,13 @@ def test_register_of_a_large_artifact_goes_multipart_through_the_bucket_and_foll
     assert_all_signed_by(cloud, cloud.credentials.key_id)
 
 
+def test_a_large_artifact_without_a_bucket_is_refused_before_any_call(cloud):
+    result = cloud.run("register", "--large-artifact-threshold", "1")
+
+    assert result.returncode == 2 and "set artifact_bucket" in result.stderr
+    assert cloud.requests() == []
+
+
 def test_register_fails_clearly_when_a_part_upload_is_refused(cloud):
     cloud.storage.fail_next(status=400, code="InvalidParameter",
                             when=lambda request: request.method == "PUT" and "/u/" in request.path)
@@ -247,11 +254,13 @@ def test_deploy_without_model_uses_the_newest_registered_model_of_that_name(clou
     newest = cloud.data_science.add_model(COMPARTMENT_ID, "sd3-medium")
     cloud.data_science.add_model(COMPARTMENT_ID, "other")
     cloud.data_science.models[newest["id"]]["timeCreated"] = "2999-01-01T00:00:00.000Z"
+    cloud.data_science.page_size = 1  # the two candidates come on two pages
 
     ok(cloud.run("deploy", "--image", IMAGE))
 
-    listing = only(cloud.data_science.seen("GET", "/20190101/models"))
-    assert listing.query["displayName"] == "sd3-medium" and listing.query["compartmentId"] == COMPARTMENT_ID
+    pages = at(cloud.data_science, "GET", "/20190101/models")
+    assert len(pages) == 2 and pages[1].query["page"] == "1"
+    assert all(p.query["displayName"] == "sd3-medium" and p.query["compartmentId"] == COMPARTMENT_ID for p in pages)
     body = only(cloud.data_science.seen("POST", "/modelDeployments")).json()
     assert body["modelDeploymentConfigurationDetails"]["modelConfigurationDetails"]["modelId"] == newest["id"]
 

@@ -105,9 +105,10 @@ class FakeDataScience(OCIFakeServer):
         keys: key id -> public key of the callers to accept (or call `trust(credentials)`).
     """
 
-    def __init__(self, polls: int = 3, object_storage: Any = None, keys=None):
+    def __init__(self, polls: int = 3, object_storage: Any = None, keys=None, page_size: int = 1000):
         super().__init__(keys)
         self.polls = polls
+        self.page_size = page_size  # the most items one list page holds, whatever `limit` asks
         self.object_storage = object_storage
         self.models: dict[str, dict] = {}
         self.artifacts: dict[str, dict] = {}  # model id -> {"data", "content_disposition", "source"}
@@ -180,15 +181,14 @@ class FakeDataScience(OCIFakeServer):
         return error_reply(404, "NotAuthorizedOrNotFound", f"Authorization failed or requested {what} {ocid} "
                            "not found")
 
-    @staticmethod
-    def _list_reply(request: Request, items: list[dict], filters: dict[str, str]) -> Reply:
+    def _list_reply(self, request: Request, items: list[dict], filters: dict[str, str]) -> Reply:
         if "compartmentId" not in request.query and "compartmentId" in filters:
             return error_reply(400, "MissingParameter", "compartmentId is required")
         selected = [item for item in items
                     if all(request.query.get(q) in (None, item.get(key)) for q, key in filters.items())]
         # Pagination as OCI does it: `limit`, and an opaque `page` token in opc-next-page.
         start = int(request.query.get("page") or 0)
-        limit = int(request.query.get("limit") or 1000)
+        limit = min(int(request.query.get("limit") or self.page_size), self.page_size)
         page = selected[start:start + limit]
         headers = {"opc-next-page": str(start + limit)} if start + limit < len(selected) else {}
         return json_reply(200, page, headers)
