@@ -22,7 +22,8 @@ from provisioner.settings import resolve_settings
 
 from fakes.data_science import DeploymentFailure, FakeDataScience
 from fakes.object_storage import FakeObjectStorage, StoredObject
-from fakes.oci_common import COMPARTMENT_ID, Credentials, api_key, json_reply, security_token
+from fakes.oci_common import (COMPARTMENT_ID, Credentials, api_key, json_reply, resource_principal,
+                               security_token)
 
 REPO = Path(__file__).resolve().parent.parent
 TOOL = REPO / "model-deployment.py"
@@ -58,7 +59,7 @@ class Cloud:
             **(env or {}),
         })
         command = [sys.executable, str(TOOL), *args]
-        if args and args[0] != "package" and "--help" not in args:
+        if args and args[0] != "package" and "--help" not in args and credentials.config_file:
             command += ["--config-file", str(credentials.config_file), "--profile", credentials.profile]
         return subprocess.run(command, cwd=self.workdir, env=environ, capture_output=True, text=True,
                               timeout=timeout)
@@ -278,6 +279,18 @@ def test_a_failed_deployment_prints_the_work_request_errors_and_logs(cloud):
     assert "ImagePullFailed: manifest unknown for sd3-medium:0.1.0" in result.stderr
     assert all(line in result.stderr for line in failure.logs)
     assert "Traceback" not in result.stderr and "predict URL" not in result.stdout
+
+
+def test_a_deployment_that_stays_creating_past_the_wait_timeout_is_reported_not_abandoned(cloud):
+    model = cloud.data_science.add_model(COMPARTMENT_ID, "sd3-medium")
+    cloud.data_science.polls = 1000
+
+    result = cloud.run("deploy", "--model", model["id"], "--image", IMAGE, "--wait-timeout", "0.5")
+
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip().endswith("(the operation goes on in OCI; check it with `status`)")
+    assert result.stderr.strip().splitlines()[-1].startswith("timed out:")
+    assert cloud.data_science.seen("DELETE") == []
 
 
 def test_an_environment_over_2048_bytes_is_refused_before_any_call(cloud):
@@ -509,6 +522,20 @@ def test_security_token_auth_signs_with_the_session_key(cloud, tmp_path):
     ok(cloud.run("status", "--auth", "security_token", credentials=session))
 
     assert_all_signed_by(cloud, session.key_id)
+
+
+def test_resource_principal_auth_as_in_a_notebook_session(cloud, tmp_path):
+    principal = cloud.data_science.trust(resource_principal(tmp_path / "rp"))
+    model = cloud.data_science.add_model(COMPARTMENT_ID, "sd3-medium")
+    cloud.data_science.add_deployment(COMPARTMENT_ID, "sd3-medium", model["id"])
+
+    # No OCI config file exists; a notebook session's own variable names the compartment.
+    result = ok(cloud.run("status", "--auth", "resource_principal", credentials=principal,
+                          env={**principal.env, "SD3_DEPLOY_COMPARTMENT_ID": "",
+                               "NB_SESSION_COMPARTMENT_OCID": COMPARTMENT_ID}))
+
+    assert "state:     ACTIVE" in result.stdout
+    assert_all_signed_by(cloud, principal.key_id)
 
 
 def test_missing_settings_are_named_with_where_to_set_them(cloud):
