@@ -112,7 +112,8 @@ def _print_ready(settings: DeploySettings, deployment: Any) -> None:
 def deploy(settings: DeploySettings) -> None:
     """Create the model deployment of `settings.model` (OCID or name) and wait for it to be ACTIVE."""
     model_ref = settings.model or settings.name
-    placeholder = model_ref if model_ref.startswith(operations.MODEL_OCID_PREFIX) else f"<newest model named {model_ref}>"
+    by_ocid = model_ref.startswith(operations.MODEL_OCID_PREFIX)
+    placeholder = model_ref if by_ocid else f"<newest model named {model_ref}>"
     deployment_details = _validated_deployment_details(settings, placeholder)  # refuse bad input before any call
     if settings.dry_run:
         _dry_run_output([{"operation": "create_model_deployment", "body": build.request_json(deployment_details)}])

@@ -252,7 +252,8 @@ class DeploymentChanges:
         return all(value is None for value in vars(self).values())
 
 
-def build_update_details(changes: DeploymentChanges, current: ds.ModelDeployment | None) -> ds.UpdateModelDeploymentDetails:
+def build_update_details(changes: DeploymentChanges,
+                         current: ds.ModelDeployment | None) -> ds.UpdateModelDeploymentDetails:
     """update_model_deployment's body: the current configuration with `changes` applied.
 
     Nested objects are sent whole, so unchanged fields are copied from `current`; without `current`
@@ -365,7 +366,7 @@ def build_predict_body(prompt: str | None, body_json: str | None, overrides: dic
 
 
 def request_json(obj: Any) -> Any:
-    """An SDK model object as printable JSON: `oci.util.to_dict`, unset fields dropped (the SDK does not send them), secrets masked."""
+    """An SDK model as printable JSON: `oci.util.to_dict`, unset fields dropped (not sent either), secrets masked."""
     return mask_secrets(_prune_none(oci_util.to_dict(obj)))
 
 

@@ -67,7 +67,7 @@ def resolve_deployment(client: oci.data_science.DataScienceClient, compartment_i
 
 def register_model(client: oci.data_science.DataScienceClient, storage: Any, settings: DeploySettings,
                    artifact: ArtifactInfo, model_details: ds.CreateModelDetails, region: str | None) -> ds.Model:
-    """Create the catalog entry and attach the artifact, directly or through a bucket; `storage` makes the Object Storage client."""
+    """Create the catalog entry and attach the artifact; `storage()` makes the Object Storage client if needed."""
     build.check_artifact_upload(settings, artifact, region)  # before the model exists
     model = client.create_model(model_details).data
     info(f"created model {model.id}")
@@ -135,7 +135,7 @@ def abort_multipart_uploads(storage: oci.object_storage.ObjectStorageClient, nam
 
 def follow_work_request(client: oci.data_science.DataScienceClient, work_request_id: str, what: str,
                         settings: DeploySettings) -> ds.WorkRequest:
-    """Wait for a work request to finish with a live status line; raise OperationFailed, with its errors shown, unless it SUCCEEDED."""
+    """Wait for a work request with a live status line; unless it SUCCEEDED, show its errors and raise OperationFailed."""
     response = client.get_work_request(work_request_id)
 
     def show(resp: oci.response.Response) -> None:
@@ -192,7 +192,7 @@ def wait_for_deployment(client: oci.data_science.DataScienceClient, deployment_i
 
 def create_deployment(client: oci.data_science.DataScienceClient, deployment_details: ds.CreateModelDeploymentDetails,
                       settings: DeploySettings) -> ds.ModelDeployment:
-    """Create the deployment and, unless told not to wait, wait for ACTIVE; on failure show the work request's errors and logs."""
+    """Create the deployment and (unless --no-wait) wait for ACTIVE; on failure show the work request's errors and log."""
     response = client.create_model_deployment(deployment_details)
     deployment = response.data
     work_request_id = response.headers.get("opc-work-request-id")

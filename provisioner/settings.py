@@ -57,11 +57,13 @@ class DeploySettings:
     # The artifact.
     source_dir: Path = _setting(REPO_ROOT / "sd3-medium", "folder zipped into the model artifact")
     artifact: Path = _setting(REPO_ROOT / "build" / "sd3-medium.zip", "where `package` writes the artifact zip")
-    project_file: Path = _setting(REPO_ROOT / "pyproject.toml", "pyproject.toml whose version goes into the model's metadata")
+    project_file: Path = _setting(REPO_ROOT / "pyproject.toml",
+                                  "pyproject.toml whose version goes into the model's metadata")
     large_artifact_threshold: int = _setting(
         2_000_000_000, "artifacts of at least this many bytes go through a bucket and export_model_artifact")
     artifact_bucket: str | None = _setting(None, "bucket for artifacts over the threshold")
-    artifact_namespace: str | None = _setting(None, "Object Storage namespace of the artifact bucket (default: looked up)")
+    artifact_namespace: str | None = _setting(None,
+                                              "Object Storage namespace of the artifact bucket (default: looked up)")
     artifact_prefix: str = _setting("model-artifacts/", "object name prefix of uploaded artifacts")
     part_size: int = _setting(128 * 1024 * 1024, "multipart upload part size in bytes")
 
@@ -106,7 +108,8 @@ def setting_help(key: str) -> str:
     default = f.default if f.default is not dataclasses.MISSING else None
     text = f.metadata["help"]
     if default not in (None, "", {}) and not isinstance(default, bool):
-        shown = default.relative_to(REPO_ROOT) if isinstance(default, Path) and default.is_relative_to(REPO_ROOT) else default
+        in_repo = isinstance(default, Path) and default.is_relative_to(REPO_ROOT)
+        shown = default.relative_to(REPO_ROOT) if in_repo else default
         text += f" [default: {shown}]"
     if key != "environment":
         text += f" (env {' or '.join(env_names(key))}; deploy.toml `{key}`)"
