@@ -67,7 +67,11 @@ def start_server(tmp: Path, env: dict[str, str] | None = None, wait_ready: bool 
     server = Server(url=f"http://127.0.0.1:{port}", process=process, log_path=log_path, image_dir=image_dir,
                     health_route=full_env.get("MODEL_DEPLOY_HEALTH_ENDPOINT", "/health"))
     if wait_ready:
-        wait_for_health(server, timeout)
+        try:
+            wait_for_health(server, timeout)
+        except BaseException:
+            stop_server(server)  # a server that never got ready must not outlive the test
+            raise
     return server
 
 
