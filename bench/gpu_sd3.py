@@ -238,6 +238,7 @@ def prepare(pipe, variant: Variant, device: str):
     if variant.channels_last_vae:
         pipe.vae.to(memory_format=torch.channels_last)
     if variant.compile:
+        torch._dynamo.reset()  # a fresh compile per variant: no guards or recompile budget left from the last one
         if variant.compile == "max-autotune":
             # The inductor settings of diffusers' SD3 speed-up guide.
             import torch._inductor.config as inductor

@@ -67,7 +67,7 @@ class Plan:
 
 
 PLANS = {
-    "full": Plan(size=1024, steps=28, samples=5, throughput_size=1024, throughput_steps=4,
+    "full": Plan(size=1024, steps=28, samples=7, throughput_size=1024, throughput_steps=4,
                  concurrency=[1, 2, 4, 8], requests_per_client=3),
     "quick": Plan(size=1024, steps=28, samples=3, throughput_size=1024, throughput_steps=4,
                   concurrency=[1, 2, 4, 8], requests_per_client=2),
@@ -388,14 +388,15 @@ def plot(report: dict, path: Path) -> None:
     tax_ax.set_ylabel("ms per request")
     plan = report["plan"]
     tax_ax.set_title(f"serving tax, {plan['size']}², {plan['steps']} steps (targets dotted)")
-    tax_ax.legend(fontsize=7)
+    tax_ax.axhline(0, color="black", linewidth=0.6)
+    tax_ax.legend(fontsize=7, loc="upper left")
 
     ideal = report["throughput_reference"]["ideal_per_s"]
-    for system, rows in report["throughput"].items():
+    for (system, rows), color in zip(report["throughput"].items(), ("tab:blue", "tab:orange")):
         clients = [r["clients"] for r in rows]
-        rate_ax.plot(clients, [r["throughput_per_s"] for r in rows], marker="o", label=system)
-        latency_ax.plot(clients, [r["p50_ms"] / 1000 for r in rows], marker="o", label=f"{system} p50")
-        latency_ax.plot(clients, [r["p95_ms"] / 1000 for r in rows], marker="x", linestyle="--",
+        rate_ax.plot(clients, [r["throughput_per_s"] for r in rows], marker="o", color=color, label=system)
+        latency_ax.plot(clients, [r["p50_ms"] / 1000 for r in rows], marker="o", color=color, label=f"{system} p50")
+        latency_ax.plot(clients, [r["p95_ms"] / 1000 for r in rows], marker="x", linestyle="--", color=color,
                         label=f"{system} p95")
     rate_ax.axhline(ideal, color="grey", linestyle=":", label="1 / in-process generation")
     rate_ax.axhline(0.95 * ideal, color="grey", linestyle="--", linewidth=0.8, label="0.95 x that")
