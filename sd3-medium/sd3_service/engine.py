@@ -133,8 +133,8 @@ class Engine:
         return 503, {"status": "loading"}
 
     def retry_after(self) -> int:
-        """Seconds until a slot is likely free: the queue ahead times the measured generation time."""
-        return max(1, math.ceil(self._admitted * self._seconds_per_generation))
+        """Seconds until a slot is likely free: the running generation ends within one generation time."""
+        return max(1, math.ceil(self._seconds_per_generation))
 
     # -- requests ---------------------------------------------------------------------------------
 
