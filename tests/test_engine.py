@@ -134,3 +134,31 @@ def test_requests_before_ready_and_after_a_failed_load_are_refused(tiny, tmp_pat
     assert status == 503 and body["status"] == "failed" and "model_index.json" in body["error"]
     with pytest.raises(NotReady, match="model_index.json"):
         asyncio.run(engine.run(PredictRequest(prompt="a")))
+
+
+def test_a_caller_that_goes_away_loses_nothing_and_its_retry_gets_the_first_answer(tiny, tmp_path):
+    calls = []
+
+    def counting_pipe(**kwargs):  # the real pipeline, with its calls counted
+        calls.append(kwargs["prompt"])
+        return tiny.pipe(**kwargs)
+
+    engine = ready_engine(tiny, LocalFolderStore(tmp_path))
+    engine.loaded = LoadedPipeline(pipe=counting_pipe, source=tiny.source, device="cpu", dtype="float32")
+    request = PredictRequest(prompt="a", request_id="timed-out", **SMALL)
+
+    async def scenario():
+        caller = asyncio.ensure_future(engine.run(request))
+        await asyncio.sleep(0.05)  # generating now
+        caller.cancel()  # what a client or load-balancer timeout does to the request
+        with pytest.raises(asyncio.CancelledError):
+            await caller
+        retried = await asyncio.wait_for(engine.run(request), 60)  # waits for the same work, no new generation
+        return retried
+
+    answer = asyncio.run(scenario()).response
+    [image] = answer.images
+    assert image.stored and (tmp_path / image.object_name).is_file()
+    assert engine._admitted == 0
+    assert calls == ["a"]  # generated once: the retry got the work the first caller started
+    engine.shutdown()

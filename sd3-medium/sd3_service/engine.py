@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import datetime as dt
+import functools
+import hashlib
 import json
 import logging
 import math
@@ -95,6 +97,7 @@ class Engine:
         self._gpu = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sd3-gpu")
         self._io = ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="sd3-io")
         self._admitted = 0  # requests admitted and not yet done generating
+        self._running: set[asyncio.Future] = set()  # strong references: the loop keeps only weak ones
         self._answers: OrderedDict[str, asyncio.Future] = OrderedDict()
         self._seconds_per_generation = 1.0  # running estimate, for Retry-After
 
@@ -152,15 +155,23 @@ class Engine:
 
         answer = asyncio.get_running_loop().create_future()
         self._remember(request_id, answer)
-        try:
-            generation = await self._generate(request, request_id)
-        except BaseException as exc:
-            self._answers.pop(request_id, None)  # a failed request may be sent again
-            answer.set_exception(exc)
-            answer.exception()  # mark retrieved: the caller gets the exception directly
-            raise
-        answer.set_result(generation.response)
-        return generation
+        self._admitted += 1  # counted now: a second request in this same loop turn must see it
+        # The work runs as its own task: a caller that goes away (a client or load-balancer timeout)
+        # does not cancel it, so the images are still stored and a retry with this id gets the answer.
+        work = asyncio.ensure_future(self._generate(request, request_id))
+        self._running.add(work)
+        work.add_done_callback(functools.partial(self._settle, request_id, answer))
+        return await asyncio.shield(work)
+
+    def _settle(self, request_id: str, answer: asyncio.Future, work: asyncio.Future) -> None:
+        """Record a finished request's answer for repeats, or forget a failed one so it may be sent again."""
+        self._running.discard(work)
+        if not work.cancelled() and work.exception() is None:
+            answer.set_result(work.result().response)
+            return
+        self._answers.pop(request_id, None)
+        answer.set_exception(NotReady("the server stopped") if work.cancelled() else work.exception())
+        answer.exception()  # mark retrieved: the first caller gets the exception from the task itself
 
     def _remember(self, request_id: str, answer: asyncio.Future) -> None:
         self._answers[request_id] = answer
@@ -183,11 +194,10 @@ class Engine:
             started.append(time.perf_counter())
             return generate_images(loaded.pipe, request, seed, loaded.device)
 
-        self._admitted += 1
         try:
             images = await loop.run_in_executor(self._gpu, on_gpu)
         finally:
-            self._admitted -= 1
+            self._admitted -= 1  # counted by run()
         generated = time.perf_counter()
         generate_s = generated - started[0]
         self._seconds_per_generation = 0.8 * self._seconds_per_generation + 0.2 * generate_s
@@ -249,8 +259,6 @@ class Engine:
 
     def metadata(self, request: PredictRequest, seed: int) -> dict[str, str]:
         """Generation parameters stored with each image (never the prompt text itself)."""
-        import hashlib
-
         assert self.loaded is not None
         return {
             "seed": str(seed),
