@@ -98,7 +98,11 @@ class RequestGuard:
                 return {"type": "http.request", "body": body, "more_body": False}
             return await receive()
 
-        await self.app(scope, replay, send)
+        # The body is valid JSON whatever Content-Type the client sent (curl -d sends a form type):
+        # say so, or BentoML would parse it by the declared type and fail.
+        headers = [(k, v) for k, v in scope["headers"] if k != b"content-type"]
+        headers.append((b"content-type", b"application/json"))
+        await self.app({**scope, "headers": headers}, replay, send)
 
     @staticmethod
     def _check(body: bytes, model: type[BaseModel]) -> JSONResponse | None:

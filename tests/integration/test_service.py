@@ -186,6 +186,17 @@ def test_malformed_bodies_get_400(server, raw):
     assert response.json()["error"]["field"] == "body"
 
 
+@pytest.mark.parametrize("content_type", [None, "application/x-www-form-urlencoded", "text/plain",
+                                          "multipart/form-data; boundary=x"])
+def test_a_json_body_is_read_as_json_whatever_content_type_it_declares(server, content_type):
+    headers = {"content-type": content_type} if content_type else {}
+    body = json.dumps({"prompt": "a", **SMALL}).encode()
+    with server.client() as client:
+        response = client.post("/predict", content=body, headers=headers)
+    assert response.status_code == 200, response.text
+    assert response.json()["images"][0]["stored"]
+
+
 def test_a_body_over_10_mb_gets_413(server):
     body = json.dumps({"prompt": "a", "negative_prompt": "x" * (10 * 1024 * 1024)}).encode()
     with server.client() as client:
