@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -63,6 +64,7 @@ def start_server(tmp: Path, env: dict[str, str] | None = None, wait_ready: bool 
         process = subprocess.Popen(
             [str(BENTOML), "serve", ".", "--host", "127.0.0.1", "--port", str(port)],
             cwd=SERVICE_DIR, env=full_env, stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group: stopping it stops its worker too
         )
     server = Server(url=f"http://127.0.0.1:{port}", process=process, log_path=log_path, image_dir=image_dir,
                     health_route=full_env.get("MODEL_DEPLOY_HEALTH_ENDPOINT", "/health"))
@@ -95,12 +97,14 @@ def wait_for_health(server: Server, timeout: float = 180) -> None:
 
 
 def stop_server(server: Server) -> None:
-    server.process.terminate()
     try:
+        os.killpg(server.process.pid, signal.SIGTERM)
         server.process.wait(timeout=20)
     except subprocess.TimeoutExpired:
-        server.process.kill()
+        os.killpg(server.process.pid, signal.SIGKILL)
         server.process.wait()
+    except ProcessLookupError:
+        pass
 
 
 @pytest.fixture(scope="session")
