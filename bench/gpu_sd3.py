@@ -1,18 +1,24 @@
 """The SD3 Medium pipeline itself on a GPU: seconds per image, memory, and how close to the hardware.
 
     python bench/gpu_sd3.py                      # on a CUDA GPU: the full-size architecture, every variant
-    python bench/gpu_sd3.py --variants "eager fp16,fp16 + fused QKV"
+    python bench/gpu_sd3.py --variants "eager fp16,fp16 + fused QKV" --budget-s 560
+    python bench/gpu_sd3.py --resume results/gpu_sd3.json --variants "fp16 + torch.compile"
     python bench/gpu_sd3.py --count-flops-only   # anywhere: TFLOP per image of the full-size pipeline
 
 Builds SD3 Medium's architecture from its public configs (transformer 24 layers x 1536, CLIP-L,
 CLIP-G, T5-XXL encoder, the 16-channel VAE) with random weights, directly on the device; the
 tokenizers are built locally as in `sd3_service.tiny_model`. Nothing is downloaded. For each variant
-(dtype, fused QKV projections, torch.compile, channels-last VAE, T5 dropped, model CPU offload) it
-measures seconds per 1024x1024 image at 28 steps with CFG 7, peak GPU memory, and compares the decoded
-image with eager fp32's on the same seed (PSNR, largest pixel difference). It also times a large
-matmul on the card (the hardware's usable fp16/bf16 throughput) and counts the pipeline's FLOPs
-(torch's FlopCounterMode on the meta device: matmuls, convolutions, attention), which together give
-the fraction of the card's matmul throughput a variant achieves.
+(dtype, fused QKV projections, torch.compile, channels-last VAE, T5 dropped, model CPU offload, fp8
+linear layers) it measures seconds per 1024x1024 image at 28 steps with CFG 7, peak GPU memory, and
+compares the decoded image with eager fp32's on the same seed (PSNR, largest pixel difference). It
+also times a large matmul on the card (the hardware's usable fp16/bf16 throughput) and counts the
+pipeline's FLOPs (torch's FlopCounterMode on the meta device: matmuls, convolutions, attention),
+which together give the fraction of the card's matmul throughput a variant achieves.
+
+Each variant runs in its own process: its peak memory and compile caches are its own, an out-of-memory
+or a crash loses only that variant, and one that would outrun `--budget-s` (the device machine's
+per-call limit) is stopped. The report is rewritten after every variant, with the fp32 reference
+image beside it (`<out>.reference.npy`), so a later call can `--resume` it and run only the rest.
 
 Random weights: speed and memory are those of the real model (same shapes, same kernels); the images
 are noise, and the quality comparison shows numerical drift against fp32, not visual quality.
@@ -28,7 +34,11 @@ import contextlib
 import gc
 import json
 import math
+import os
+import signal
+import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +54,9 @@ PROMPT = "a photograph of an astronaut riding a horse on the moon, detailed, 8k"
 NEGATIVE = "blurry, low quality"
 WEIGHT_SEED = 0
 IMAGE_SEED = 42
+REFERENCE = "eager fp32 (reference)"
+# Kept back from --budget-s: starting the parent and writing the report after the last variant.
+BUDGET_MARGIN_S = 15
 
 
 # -- the architecture -------------------------------------------------------------------------------
@@ -191,6 +204,26 @@ def matmul_tflops(device: str, dtype: torch.dtype, n: int, seconds: float = 2.0)
     return 2 * n**3 * calls / elapsed / 1e12
 
 
+def fp8_matmul_tflops(n: int, seconds: float = 2.0) -> float | None:
+    """Measured float8 (e4m3) matmul throughput through torch._scaled_mm, or None where the card has none."""
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9):
+        return None
+    a = torch.randn(n, n, device="cuda").to(torch.float8_e4m3fn)
+    b = torch.randn(n, n, device="cuda").to(torch.float8_e4m3fn).t()  # _scaled_mm wants b column-major
+    one = torch.ones((), device="cuda")
+    run = lambda: torch._scaled_mm(a, b, scale_a=one, scale_b=one, out_dtype=torch.bfloat16)  # noqa: E731
+    for _ in range(3):
+        run()
+    torch.cuda.synchronize()
+    calls, began = 0, time.perf_counter()
+    while time.perf_counter() - began < seconds:
+        for _ in range(10):
+            run()
+        calls += 10
+        torch.cuda.synchronize()
+    return 2 * n**3 * calls / (time.perf_counter() - began) / 1e12
+
+
 # -- the variants -----------------------------------------------------------------------------------
 
 @dataclass
@@ -199,28 +232,31 @@ class Variant:
     dtype: torch.dtype
     fuse_qkv: bool = False
     compile: str | None = None  # torch.compile mode for the transformer, or None for eager
+    compile_vae: bool = False  # also compile the VAE decoder (same mode)
     channels_last_vae: bool = False
     drop_t5: bool = False
     offload: bool = False
+    fp8: bool = False  # the transformer's linear layers in float8, dynamic per-row scales (torchao)
     needs_cuda: bool = False
     notes: list[str] = field(default_factory=list)
 
 
 def all_variants() -> list[Variant]:
+    """Every variant, cheapest first: a run cut short by its budget still has the eager numbers."""
     f16, bf16 = torch.float16, torch.bfloat16
+    tuned = dict(fuse_qkv=True, channels_last_vae=True, compile="max-autotune", compile_vae=True, needs_cuda=True)
     return [
-        Variant("eager fp32 (reference)", torch.float32),
+        Variant(REFERENCE, torch.float32),
         Variant("eager fp16", f16),
         Variant("eager bf16", bf16),
         Variant("fp16 + fused QKV", f16, fuse_qkv=True),
         Variant("fp16 + channels-last VAE", f16, channels_last_vae=True),
         Variant("fp16 + T5 dropped", f16, drop_t5=True),
-        Variant("fp16 + torch.compile", f16, compile="default", needs_cuda=True),
-        Variant("fp16 + fused QKV + channels-last VAE + compile max-autotune", f16, fuse_qkv=True,
-                channels_last_vae=True, compile="max-autotune", needs_cuda=True),
-        Variant("bf16 + fused QKV + channels-last VAE + compile max-autotune", bf16, fuse_qkv=True,
-                channels_last_vae=True, compile="max-autotune", needs_cuda=True),
         Variant("fp16 + model CPU offload", f16, offload=True, needs_cuda=True),
+        Variant("fp16 + torch.compile", f16, compile="default", needs_cuda=True),
+        Variant("fp16 + fused QKV + channels-last VAE + compile max-autotune", f16, **tuned),
+        Variant("bf16 + fused QKV + channels-last VAE + compile max-autotune", bf16, **tuned),
+        Variant("bf16 + fp8 linear (torchao) + fused QKV + compile max-autotune", bf16, fp8=True, **tuned),
     ]
 
 
@@ -235,10 +271,13 @@ def prepare(pipe, variant: Variant, device: str):
         pipe.enable_model_cpu_offload()
     if variant.fuse_qkv:
         pipe.transformer.fuse_qkv_projections()
+    if variant.fp8:
+        from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
+
+        quantize_(pipe.transformer, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()))
     if variant.channels_last_vae:
         pipe.vae.to(memory_format=torch.channels_last)
     if variant.compile:
-        torch._dynamo.reset()  # a fresh compile per variant: no guards or recompile budget left from the last one
         if variant.compile == "max-autotune":
             # The inductor settings of diffusers' SD3 speed-up guide.
             import torch._inductor.config as inductor
@@ -248,6 +287,8 @@ def prepare(pipe, variant: Variant, device: str):
             inductor.epilogue_fusion = False
             inductor.coordinate_descent_check_all_directions = True
         pipe.transformer.compile(mode=variant.compile, fullgraph=True)
+        if variant.compile_vae:
+            pipe.vae.decode = torch.compile(pipe.vae.decode, mode=variant.compile, fullgraph=True)
     return pipe
 
 
@@ -271,53 +312,132 @@ def compare(image: np.ndarray, reference: np.ndarray) -> dict:
             "max_abs_diff_8bit": int(difference.max()), "mean_abs_diff_8bit": round(float(difference.mean()), 3)}
 
 
-def run_variant(configs: dict, variant: Variant, device: str, size: int, steps: int, repeats: int,
-                reference: np.ndarray | None) -> tuple[dict, np.ndarray]:
-    build_device = device
-    pipe = prepare(build_pipeline(configs, build_device), variant, device)
+def measure_variant(plan: Plan, variant: Variant, device: str) -> tuple[dict, np.ndarray]:
+    """Build, prepare and time one variant in this process: the body of a variant's child process."""
+    began_all = time.perf_counter()
+    pipe = prepare(build_pipeline(plan.configs, device), variant, device)
     gc.collect()
     if device == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     began = time.perf_counter()
-    image = generate(pipe, size, steps, device)  # the first call: compiles, allocates, autotunes
+    image = generate(pipe, plan.size, plan.steps, device)  # the first call: compiles, allocates, autotunes
     first_s = time.perf_counter() - began
     if variant.compile:
-        generate(pipe, size, steps, device)  # a compiled model may specialise again on its second call
+        generate(pipe, plan.size, plan.steps, device)  # a compiled model may specialise again on its second call
     times = []
-    for _ in range(repeats):
+    # The fp32 reference is there for its image (the quality yardstick); one timed run of it is enough.
+    for _ in range(1 if variant.name == REFERENCE else plan.repeats):
         began = time.perf_counter()
-        image = generate(pipe, size, steps, device)
+        image = generate(pipe, plan.size, plan.steps, device)
         times.append(time.perf_counter() - began)
-    result = {
+    return {
         "variant": variant.name, "dtype": str(variant.dtype).removeprefix("torch."), "fuse_qkv": variant.fuse_qkv,
-        "compile": variant.compile, "channels_last_vae": variant.channels_last_vae, "drop_t5": variant.drop_t5,
-        "offload": variant.offload, "first_call_s": round(first_s, 3),
-        "seconds_per_image": [round(t, 4) for t in times], "median_s_per_image": round(float(np.median(times)), 4),
+        "compile": variant.compile, "compile_vae": variant.compile_vae, "channels_last_vae": variant.channels_last_vae,
+        "drop_t5": variant.drop_t5, "offload": variant.offload, "fp8": variant.fp8,
+        "first_call_s": round(first_s, 3), "seconds_per_image": [round(t, 4) for t in times],
+        "median_s_per_image": round(float(np.median(times)), 4),
         "peak_gpu_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device == "cuda" else None,
-        "vs_fp32": compare(image, reference if reference is not None else image),
-    }
-    del pipe
-    gc.collect()
-    if device == "cuda":
-        torch.cuda.empty_cache()
-    return result, image
+        "build_and_measure_s": round(time.perf_counter() - began_all, 1),
+    }, image
 
 
-def main(argv=None) -> dict:
+# -- one process per variant ------------------------------------------------------------------------
+
+@dataclass
+class Plan:
+    configs: dict
+    size: int
+    steps: int
+    repeats: int
+    name: str
+    matmul_n: int
+
+
+def make_plan(cuda: bool, reduced: bool, repeats: int | None) -> Plan:
+    if cuda and not reduced:
+        return Plan(sd3_medium_configs(), 1024, 28, repeats or 3, "full SD3 Medium", 8192)
+    return Plan(reduced_configs(), 128, 2, repeats or 1, "reduced (CPU check)", 512)
+
+
+def child_main(args) -> None:
+    """Run one variant (`--run-variant`) and leave its result, image or error in `--work-dir`."""
+    from diffusers.utils import logging as diffusers_logging
+
+    diffusers_logging.set_verbosity_error()
+    work = Path(args.work_dir)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    variant = {v.name: v for v in all_variants()}[args.run_variant]
+    try:
+        result, image = measure_variant(make_plan(device == "cuda", args.reduced, args.repeats), variant, device)
+    except BaseException as exc:  # out of memory, a compile error: the parent records it and goes on
+        (work / "error.txt").write_text(f"{type(exc).__name__}: {exc}"[:500])
+        raise
+    np.save(work / "image.npy", image)
+    (work / "result.json").write_text(json.dumps(result))
+
+
+def run_variant_process(variant: Variant, args, timeout_s: float | None) -> tuple[dict | None, np.ndarray | None, str]:
+    """Run one variant in a child process, stopped after `timeout_s`; returns (result, image, failure)."""
+    with tempfile.TemporaryDirectory(prefix="gpu_sd3-") as work:
+        command = [sys.executable, str(Path(__file__).resolve()), "--run-variant", variant.name, "--work-dir", work]
+        command += ["--reduced"] * args.reduced + (["--repeats", str(args.repeats)] if args.repeats else [])
+        # Its own process group: a stopped compile takes its inductor worker processes with it.
+        child = subprocess.Popen(command, start_new_session=True, env={**os.environ, "TRANSFORMERS_VERBOSITY": "error"})
+        try:
+            code = child.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(child.pid, signal.SIGKILL)
+            child.wait()
+            return None, None, f"stopped after {timeout_s:.0f} s: the time budget (--budget-s) ran out"
+        error = Path(work) / "error.txt"
+        if code != 0:
+            return None, None, error.read_text() if error.exists() else f"exited with status {code}"
+        return json.loads((Path(work) / "result.json").read_text()), np.load(Path(work) / "image.npy"), ""
+
+
+def load_resumed(path: Path | None, plan: Plan) -> tuple[list[dict], np.ndarray | None]:
+    """Results of an earlier call to carry on from, and its fp32 reference image when it has one."""
+    if path is None:
+        return [], None
+    earlier = json.loads(path.read_text())
+    if (earlier.get("configuration"), earlier.get("size"), earlier.get("steps")) != (plan.name, plan.size, plan.steps):
+        raise SystemExit(f"--resume {path}: measured {earlier.get('configuration')} at {earlier.get('size')} px, "
+                         f"{earlier.get('steps')} steps; this run is {plan.name} at {plan.size} px, {plan.steps} steps")
+    reference_path = reference_image_path(path)
+    reference = np.load(reference_path) if reference_path.exists() else None
+    results = [r for r in earlier.get("variants", []) if reference is not None or r["variant"] != REFERENCE]
+    return results, reference
+
+
+def reference_image_path(report_path: Path) -> Path:
+    return report_path.with_suffix(".reference.npy")
+
+
+def main(argv=None) -> dict | None:
+    started = time.monotonic()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--variants", help="comma-separated variant names (default: all that the device runs)")
+    parser.add_argument("--variants", help="comma-separated variant names, run in that order after the fp32 "
+                                           "reference (default: all that the device runs)")
     parser.add_argument("--repeats", type=int, default=None, help="timed generations per variant")
     parser.add_argument("--reduced", action="store_true",
                         help="the small CPU-check configuration even on a GPU (what tests/test_bench.py runs)")
+    parser.add_argument("--budget-s", type=float, default=None,
+                        help="wall-clock seconds for the whole run: a variant still running when they are spent "
+                             "is stopped, later ones are not started (the device machine allows 600 s a call)")
+    parser.add_argument("--resume", type=Path, default=None,
+                        help="a report of an earlier call (with its .reference.npy beside it): keep its variants "
+                             "and run only the others")
     parser.add_argument("--count-flops-only", action="store_true",
                         help="count the full-size pipeline's FLOPs and parameters (runs anywhere) and stop")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--run-variant", help=argparse.SUPPRESS)  # the child process's side
+    parser.add_argument("--work-dir", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.run_variant:
+        child_main(args)
+        return None
 
-    from diffusers.utils import logging as diffusers_logging
-
-    diffusers_logging.set_verbosity_error()  # not one warning per cast of a random-weight model
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
     full = sd3_medium_configs()
@@ -332,66 +452,116 @@ def main(argv=None) -> dict:
         report["machine"] = describe_machine()
         return write(report, args.out or HERE / "results" / "sd3_medium_flops.json")
 
-    if cuda and not args.reduced:
-        configs, size, steps, repeats, config_name = full, 1024, 28, args.repeats or 3, "full SD3 Medium"
-        matmul_n = 8192
-    else:
-        configs, size, steps, repeats, config_name = reduced_configs(), 128, 2, args.repeats or 1, "reduced (CPU check)"
-        matmul_n = 512
+    plan = make_plan(cuda, args.reduced, args.repeats)
+    out = args.out or HERE / "results" / ("gpu_sd3.json" if plan.name == "full SD3 Medium" else "gpu_sd3-reduced.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    results, reference = load_resumed(args.resume, plan)
     machine = describe_machine()
     print(machine_line(machine))
-    print(f"configuration: {config_name}, {size}x{size}, {steps} steps, CFG 7, {repeats} timed run(s) per variant")
-    flops = flops_full if configs is full else count_flops(configs, size, steps)
-    hardware = {name: round(matmul_tflops(device, dtype, matmul_n), 4)
+    print(f"configuration: {plan.name}, {plan.size}x{plan.size}, {plan.steps} steps, CFG 7, {plan.repeats} timed "
+          f"run(s) per variant" + (f"; carrying on from {args.resume} ({len(results)} done)" if args.resume else ""))
+    flops = flops_full if plan.configs is full else count_flops(plan.configs, plan.size, plan.steps)
+    hardware = {name: round(matmul_tflops(device, dtype, plan.matmul_n), 4)
                 for name, dtype in (("float16", torch.float16), ("bfloat16", torch.bfloat16),
                                     ("float32", torch.float32))}
+    fp8 = fp8_matmul_tflops(plan.matmul_n)
+    if fp8 is not None:
+        hardware["float8_e4m3"] = round(fp8, 4)
+    if cuda:
+        torch.cuda.empty_cache()  # the children need the card; this process keeps only its context
     print("measured matmul TFLOP/s: " + ", ".join(f"{k} {v}" for k, v in hardware.items()))
 
-    variants = all_variants()
-    if args.variants:
-        wanted = [name.strip() for name in args.variants.split(",")]
-        unknown = set(wanted) - {v.name for v in variants}
-        if unknown:
-            parser.error(f"unknown variants {sorted(unknown)}; known: {[v.name for v in variants]}")
-        variants = [v for v in variants if v.name in wanted or v.name == "eager fp32 (reference)"]
-    results, skipped, reference = [], {}, None
+    variants = select_variants(parser, args.variants)
+    done = {r["variant"] for r in results}
+    skipped = {}
+    report.update({"machine": machine, "device": device, "configuration": plan.name, "size": plan.size,
+                   "steps": plan.steps, "guidance_scale": 7.0, "repeats": plan.repeats, "configs": plan.configs,
+                   "flops_per_image": flops, "measured_matmul_tflops": hardware, "matmul_n": plan.matmul_n,
+                   "variants": results, "skipped": skipped})
+    if reference is not None:
+        np.save(reference_image_path(out), reference)
     for variant in variants:
+        if variant.name in done:
+            continue
         if variant.needs_cuda and not cuda:
             skipped[variant.name] = "needs CUDA"
             continue
+        timeout_s = None
+        if args.budget_s is not None:
+            timeout_s = args.budget_s - BUDGET_MARGIN_S - (time.monotonic() - started)
+            if timeout_s < 10:
+                skipped[variant.name] = "not started: the time budget (--budget-s) was spent"
+                continue
         print(f"  {variant.name} ...", flush=True)
-        try:
-            result, image = run_variant(configs, variant, device, size, steps, repeats, reference)
-        except Exception as exc:  # noqa: BLE001 - one failing variant (e.g. out of memory) must not lose the rest
-            skipped[variant.name] = f"{type(exc).__name__}: {exc}"[:500]
-            print(f"    failed: {skipped[variant.name]}")
+        result, image, failure = run_variant_process(variant, args, timeout_s)
+        if result is None:
+            skipped[variant.name] = failure
+            print(f"    failed: {failure}", flush=True)
             continue
-        if reference is None:
+        if variant.name == REFERENCE:
             reference = image
-        dtype_key = result["dtype"]
+            np.save(reference_image_path(out), reference)
+        result["vs_fp32"] = compare(image, reference) if reference is not None else None
+        result["measured_on"] = machine.get("gpu") or machine["cpu"]
         result["achieved_tflops"] = round(flops["total"] / result["median_s_per_image"] / 1e12, 3)
-        result["fraction_of_measured_matmul"] = round(result["achieved_tflops"] / max(hardware[dtype_key], 1e-9), 3)
+        result["fraction_of_measured_matmul"] = round(result["achieved_tflops"] / max(hardware[result["dtype"]], 1e-9), 3)
         results.append(result)
-        quality = result["vs_fp32"]
-        print(f"    {result['median_s_per_image']:.3f} s/image, first call {result['first_call_s']:.1f} s, "
-              f"{result['fraction_of_measured_matmul']:.0%} of {dtype_key} matmul, "
-              + (f"peak {result['peak_gpu_memory_gib']} GiB, " if cuda else "")
-              + (f"PSNR {quality['psnr_db']} dB, max diff {quality['max_abs_diff_8bit']}" if quality["finite"]
-                 else "NOT FINITE"))
+        print("    " + summary_line(result, cuda), flush=True)
+        report["load_average_at_end"] = describe_machine(())["load_average_1_5_15"]
+        write(report, out, quiet=True)  # after every variant: a call cut short keeps what it measured
 
-    report.update({"machine": machine, "device": device, "configuration": config_name, "size": size,
-                   "steps": steps, "guidance_scale": 7.0, "repeats": repeats, "configs": configs,
-                   "flops_per_image": flops, "measured_matmul_tflops": hardware, "matmul_n": matmul_n,
-                   "variants": results, "skipped": skipped,
-                   "load_average_at_end": describe_machine(())["load_average_1_5_15"]})
-    stem = "gpu_sd3" if configs is full else "gpu_sd3-reduced"
-    return write(report, args.out or HERE / "results" / f"{stem}.json")
+    report["load_average_at_end"] = describe_machine(())["load_average_1_5_15"]
+    print_table(report)
+    return write(report, out)
 
 
-def write(report: dict, path: Path) -> dict:
+def select_variants(parser, names: str | None) -> list[Variant]:
+    variants = all_variants()
+    if not names:
+        return variants
+    by_name = {v.name: v for v in variants}
+    wanted = [name.strip() for name in names.split(",") if name.strip()]
+    unknown = [name for name in wanted if name not in by_name]
+    if unknown:
+        parser.error(f"unknown variants {unknown}; known: {list(by_name)}")
+    return [by_name[REFERENCE]] + [by_name[name] for name in wanted if name != REFERENCE]
+
+
+def summary_line(result: dict, cuda: bool) -> str:
+    quality = result["vs_fp32"]
+    if quality is None:
+        drift = "no fp32 reference to compare with"
+    elif quality["finite"]:
+        drift = f"PSNR {quality['psnr_db']} dB, max diff {quality['max_abs_diff_8bit']}"
+    else:
+        drift = "NOT FINITE"
+    return (f"{result['median_s_per_image']:.3f} s/image, first call {result['first_call_s']:.1f} s, "
+            f"{result['fraction_of_measured_matmul']:.0%} of {result['dtype']} matmul, "
+            + (f"peak {result['peak_gpu_memory_gib']} GiB, " if cuda else "") + drift)
+
+
+def print_table(report: dict) -> None:
+    """The short table the device machine's reply carries back (its output tail)."""
+    print(f"\n{report['configuration']} on {report['machine'].get('gpu') or report['machine']['cpu']}:")
+    print(f"{'variant':<64} {'s/image':>8} {'x fp16':>7} {'matmul%':>8} {'GiB':>6} {'PSNR':>7}")
+    eager = {r["variant"]: r["median_s_per_image"] for r in report["variants"]}.get("eager fp16")
+    for r in report["variants"]:
+        quality = r["vs_fp32"] or {}
+        print(f"{r['variant'][:64]:<64} {r['median_s_per_image']:>8.3f} "
+              f"{(eager / r['median_s_per_image'] if eager else float('nan')):>7.2f} "
+              f"{r['fraction_of_measured_matmul']:>8.0%} {r['peak_gpu_memory_gib'] or 0:>6} "
+              f"{quality.get('psnr_db', 'n/a')!s:>7}")
+    for name, why in report["skipped"].items():
+        print(f"{name[:64]:<64} skipped: {why}")
+
+
+def write(report: dict, path: Path, quiet: bool = False) -> dict:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report, indent=2, default=str) + "\n")
-    print(f"wrote {path}")
+    partial = path.with_suffix(".json.tmp")
+    partial.write_text(json.dumps(report, indent=2, default=str) + "\n")
+    partial.replace(path)
+    if not quiet:
+        print(f"wrote {path}")
     return report
 
 

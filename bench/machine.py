@@ -46,7 +46,11 @@ def describe_machine(packages=("torch", "diffusers", "transformers", "bentoml", 
 
         info["torch_threads"] = torch.get_num_threads()
         if torch.cuda.is_available():
-            info["gpu"] = torch.cuda.get_device_name(0)
+            props = torch.cuda.get_device_properties(0)
+            info["gpu"] = props.name
+            info["gpu_memory_gib"] = round(props.total_memory / 2**30, 1)
+            info["gpu_multiprocessors"] = props.multi_processor_count
+            info["cuda"] = torch.version.cuda
     except ImportError:
         pass
     return info

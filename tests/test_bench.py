@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -54,6 +55,44 @@ def test_gpu_benchmark_runs_its_reduced_configuration(tmp_path):
         assert report["configuration"] == "reduced (CPU check)"
         assert report["skipped"] and all(why == "needs CUDA" and ("compile" in name or "offload" in name)
                                          for name, why in report["skipped"].items())
+    assert (tmp_path / "gpu.reference.npy").exists()  # what a later call resumes from
+
+
+def test_gpu_benchmark_resumes_an_earlier_call_without_measuring_again(tmp_path):
+    # The device machine allows 10 minutes a call: a run is split over calls that resume each other.
+    run("gpu_sd3.py", "--reduced", "--variants", "eager fp16", "--out", str(tmp_path / "first.json"), timeout=300)
+    first = json.loads((tmp_path / "first.json").read_text())
+    assert [v["variant"] for v in first["variants"]] == ["eager fp32 (reference)", "eager fp16"]
+
+    output = run("gpu_sd3.py", "--reduced", "--resume", str(tmp_path / "first.json"), "--variants",
+                 "eager fp16,eager bf16", "--out", str(tmp_path / "second.json"), timeout=300)
+    second = json.loads((tmp_path / "second.json").read_text())
+    assert [v["variant"] for v in second["variants"]] == ["eager fp32 (reference)", "eager fp16", "eager bf16"]
+    assert second["variants"][:2] == first["variants"]  # carried over, not measured again
+    assert "eager fp32 (reference) ..." not in output and "eager bf16 ..." in output
+    bf16 = second["variants"][2]["vs_fp32"]  # compared with the first call's reference image
+    assert bf16["finite"] and 0 < bf16["psnr_db"] < float("inf")
+
+
+def test_gpu_benchmark_keeps_to_its_time_budget(tmp_path):
+    # 15 s of the budget are kept for writing the report: nothing fits in 16 s, and the report says so.
+    run("gpu_sd3.py", "--reduced", "--budget-s", "16", "--out", str(tmp_path / "gpu.json"), timeout=120)
+    report = json.loads((tmp_path / "gpu.json").read_text())
+    assert report["variants"] == []
+    assert report["skipped"]["eager fp16"] == "not started: the time budget (--budget-s) was spent"
+
+
+def test_a_variant_over_its_time_is_stopped():
+    sys.path.insert(0, str(REPO / "bench"))
+    import gpu_sd3
+
+    args = gpu_sd3.argparse.Namespace(reduced=True, repeats=None)
+    variant = gpu_sd3.all_variants()[0]
+    began = time.monotonic()
+    result, image, failure = gpu_sd3.run_variant_process(variant, args, timeout_s=1.0)
+    assert time.monotonic() - began < 4  # stopped, not waited for (the variant needs ~5 s on a CPU)
+    assert result is None and image is None
+    assert failure == "stopped after 1 s: the time budget (--budget-s) ran out"
 
 
 def test_serving_benchmark_smoke(tmp_path):
