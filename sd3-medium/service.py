@@ -54,6 +54,7 @@ class SD3Medium:
             max_queue=SETTINGS.max_queue,
             cache_size=SETTINGS.idempotency_cache_size,
             on_store_failure=store.keep,
+            stored_later=store.stored_later,
             store_params=SETTINGS.store_params,
         )
         log.info("Images go to %s; predict on %s, health on %s", self.engine.store.describe(), PREDICT_ROUTE,

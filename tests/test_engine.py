@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import threading
 import time
 
@@ -11,6 +12,7 @@ import pytest
 from sd3_service.contract import PredictRequest
 from sd3_service.engine import Engine, NotReady, QueueFull
 from sd3_service.model_loading import LoadedPipeline, ModelSource
+from sd3_service.spool import Spool, SpoolingStore
 from sd3_service.store import LocalFolderStore, StoreError
 from sd3_service.tiny_model import build_tiny_pipeline
 
@@ -113,6 +115,34 @@ def test_a_failed_store_answers_the_image_inline_and_hands_it_over_for_later(tin
     assert image.stored is False and image.data
     assert [k.name for k in kept] == [image.object_name]
     assert image.uri == store.location(image.object_name).uri
+    engine.shutdown()
+
+
+def test_a_repeated_request_id_answers_images_the_spool_stored_since_as_stored(tiny, tmp_path):
+    folder = GatedStore(tmp_path / "images", gated_request="never-gated")
+    folder.fail = True
+    spooling = SpoolingStore(folder, Spool(tmp_path / "spool"))
+    calls = []
+
+    def counting_pipe(**kwargs):  # the real pipeline, with its calls counted
+        calls.append(kwargs["prompt"])
+        return tiny.pipe(**kwargs)
+
+    engine = ready_engine(tiny, spooling, on_store_failure=spooling.keep, stored_later=spooling.stored_later)
+    engine.loaded = LoadedPipeline(pipe=counting_pipe, source=tiny.source, device="cpu", dtype="float32")
+    request = PredictRequest(prompt="a", request_id="outage-1", **SMALL)
+    [first] = asyncio.run(engine.run(request)).response.images
+    assert first.stored is False and first.data
+    assert asyncio.run(engine.run(request)).response.images == [first]  # still waiting in the spool
+
+    folder.fail = False
+    assert spooling.upload_pending()
+
+    [again] = asyncio.run(engine.run(request)).response.images
+    assert again.stored is True and again.data is None
+    assert (again.uri, again.object_name, again.sha256) == (first.uri, first.object_name, first.sha256)
+    assert hashlib.sha256((tmp_path / "images" / again.object_name).read_bytes()).hexdigest() == first.sha256
+    assert calls == ["a"]  # repeats never generate
     engine.shutdown()
 
 

@@ -27,7 +27,7 @@ from typing import Callable
 from sd3_service.generation import EncodedImage, encode_image, generate_images
 from sd3_service.model_loading import LoadedPipeline
 from sd3_service.contract import MAX_SEED, PredictRequest, PredictResponse, StoredImage
-from sd3_service.store import ImageObject, ImageStore, StoreError, object_name
+from sd3_service.store import ImageObject, ImageStore, Location, StoreError, object_name
 
 log = logging.getLogger("sd3.engine")
 
@@ -69,7 +69,9 @@ class Engine:
         max_queue: requests allowed to wait beyond the one generating.
         cache_size: finished answers remembered by request_id.
         io_threads: threads that encode and store images.
-        on_stored_failure: called with an image that could not be stored, so it is kept for later.
+        on_store_failure: called with an image that could not be stored, so it is kept for later.
+        stored_later: where such an image went once it was stored after all (None while it waits), so that
+            a repeated request_id answers it as stored.
         store_params: also store `<request_id>.json` next to the images, with every parameter (prompt too).
     """
 
@@ -82,6 +84,7 @@ class Engine:
         cache_size: int = 1024,
         io_threads: int = 4,
         on_store_failure: Callable[[ImageObject], None] | None = None,
+        stored_later: Callable[[str], Location | None] | None = None,
         store_params: bool = False,
     ):
         self._load = load
@@ -90,6 +93,7 @@ class Engine:
         self.max_queue = max_queue
         self.cache_size = cache_size
         self.on_store_failure = on_store_failure
+        self.stored_later = stored_later
         self.store_params = store_params
         self.status = "loading"
         self.error: str | None = None
@@ -149,7 +153,7 @@ class Engine:
         earlier = self._answers.get(request_id)
         if earlier is not None:
             RequestLog(log, {"request_id": request_id}).info("Repeated request_id: returning the first answer")
-            return Generation(response=await asyncio.shield(earlier), files=[])
+            return Generation(response=self._with_later_stores(await asyncio.shield(earlier)), files=[])
         if self._admitted > self.max_queue:
             raise QueueFull(self.retry_after())
 
@@ -172,6 +176,17 @@ class Engine:
         self._answers.pop(request_id, None)
         answer.set_exception(NotReady("the server stopped") if work.cancelled() else work.exception())
         answer.exception()  # mark retrieved: the first caller gets the exception from the task itself
+
+    def _with_later_stores(self, response: PredictResponse) -> PredictResponse:
+        """The first answer, with the images stored since it was given marked stored (and no inline copy)."""
+        if self.stored_later is None or all(image.stored for image in response.images):
+            return response
+        images = []
+        for image in response.images:
+            where = None if image.stored else self.stored_later(image.object_name)
+            images.append(image if where is None else image.model_copy(
+                update={"stored": True, "data": None, "uri": where.uri, "url": where.url}))
+        return response.model_copy(update={"images": images})
 
     def _remember(self, request_id: str, answer: asyncio.Future) -> None:
         self._answers[request_id] = answer

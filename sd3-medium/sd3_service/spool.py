@@ -17,6 +17,7 @@ import re
 import tempfile
 import threading
 import time
+from collections import OrderedDict
 from pathlib import Path
 
 from sd3_service.store import ImageObject, ImageStore, Location, StoreError
@@ -24,6 +25,9 @@ from sd3_service.store import ImageObject, ImageStore, Location, StoreError
 log = logging.getLogger("sd3.spool")
 
 SUFFIX = ".spooled"
+# Names the uploader stored, remembered so that a repeated request_id can say so; more than the
+# engine's answer cache (1024 requests by default) holds images for.
+STORED_LATER_MEMORY = 8192
 _IMAGE_NAME = re.compile(r"(?P<request_id>[A-Za-z0-9_-]+?)(-\d+)?\.\w+")
 
 
@@ -132,6 +136,8 @@ class SpoolingStore:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._stored_later: OrderedDict[str, Location] = OrderedDict()
+        self._stored_later_lock = threading.Lock()
 
     # -- ImageStore
 
@@ -170,6 +176,11 @@ class SpoolingStore:
             return
         self._wake.set()
 
+    def stored_later(self, name: str) -> Location | None:
+        """Where the uploader stored a spooled image, or None while it waits (or was stored before a restart)."""
+        with self._stored_later_lock:
+            return self._stored_later.get(name)
+
     def start(self) -> threading.Thread:
         """Check the store once (one clear log line if it is unusable), then upload spooled images in the background."""
         self._thread = threading.Thread(target=self._run, name="sd3-spool", daemon=True)
@@ -195,12 +206,16 @@ class SpoolingStore:
                 log.error("Setting aside an unreadable spooled file (%s): %s", exc, self.spool.set_aside(path))
                 continue
             try:
-                self.store.put(image)
+                location = self.store.put(image)
             except StoreError as exc:
                 self._failing(str(exc))
                 return False
             self._ok()
             self.spool.remove(path)
+            with self._stored_later_lock:
+                self._stored_later[image.name] = location
+                while len(self._stored_later) > STORED_LATER_MEMORY:
+                    self._stored_later.popitem(last=False)
             log.info("[%s] Stored spooled image %s", request_id_of(image.name), image.name)
         return True
 

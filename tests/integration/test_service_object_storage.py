@@ -158,6 +158,12 @@ def test_an_outage_answers_the_image_inline_and_stores_it_when_the_bucket_is_bac
     assert json.loads(fake.object("images", sidecar).data)["images"][0]["sha256"] == image["sha256"]
     assert server.spool.pending() == [] and health_store(server)["state"] == "ok"
 
+    # The client's retry with the same request_id now learns the image is stored, and gets no inline copy.
+    again = predict(server, {"prompt": PROMPT, **SMALL, "request_id": response.json()["request_id"]})
+    [stored] = again.json()["images"]
+    assert stored["stored"] is True and "data" not in stored and stored["sha256"] == image["sha256"]
+    assert stored["uri"] == image["uri"] and httpx.get(stored["url"]).content == data
+
 
 def test_a_missing_credential_keeps_images_and_a_restart_with_one_uploads_them(fake, principal, tmp_path):
     spool_dir = tmp_path / "spool"
