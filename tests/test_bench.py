@@ -36,6 +36,27 @@ def test_full_size_configs_count_sd3_mediums_flops_and_parameters(tmp_path):
     assert 0.69e9 < params["text_encoder_2"] < 0.70e9 and 0.12e9 < params["text_encoder"] < 0.13e9
 
 
+def test_full_size_components_fit_together_at_1024():
+    # On the meta device (shapes, no memory): the chain a GPU run goes through, text encoders ->
+    # transformer -> VAE, with SD3 Medium's real dimensions, so a lent GPU's minutes are not lost to a typo.
+    sys.path.insert(0, str(REPO / "bench"))
+    import gpu_sd3
+
+    pipe = gpu_sd3.build_pipeline(gpu_sd3.sd3_medium_configs(), "meta")
+    meta = torch.device("meta")
+    with torch.inference_mode():
+        embeds, negative, pooled, negative_pooled = pipe.encode_prompt(
+            prompt="a cat", prompt_2=None, prompt_3=None, negative_prompt="a dog", device=meta)
+        assert embeds.shape == negative.shape == (1, 77 + 256, 4096)  # CLIP-L+G padded to T5's width, then T5
+        assert pooled.shape == (1, 768 + 1280)
+        noise = pipe.transformer(hidden_states=torch.zeros(2, 16, 128, 128, device=meta),
+                                 encoder_hidden_states=torch.cat([negative, embeds]),
+                                 pooled_projections=torch.cat([negative_pooled, pooled]),
+                                 timestep=torch.zeros(2, device=meta), return_dict=False)[0]
+        assert noise.shape == (2, 16, 128, 128)
+        assert pipe.vae.decode(noise[:1], return_dict=False)[0].shape == (1, 3, 1024, 1024)
+
+
 def test_gpu_benchmark_runs_its_reduced_configuration(tmp_path):
     run("gpu_sd3.py", "--reduced", "--out", str(tmp_path / "gpu.json"), timeout=300)
     report = json.loads((tmp_path / "gpu.json").read_text())
