@@ -73,7 +73,8 @@ def build_auth(settings: DeploySettings) -> OciAuth:
         if settings.auth == "resource_principal":
             signer = oci.auth.signers.get_resource_principals_signer()
         else:
-            signer = oci.auth.signers.InstancePrincipalsSecurityTokenSigner()
+            signer = oci.auth.signers.InstancePrincipalsSecurityTokenSigner(
+                federation_endpoint=settings.federation_endpoint)
         return OciAuth(config={"region": settings.region or signer.region}, signer=signer)
     except ConfigError:
         raise

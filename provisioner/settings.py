@@ -45,6 +45,9 @@ class DeploySettings:
     model_deployment_endpoint: str | None = _setting(
         None, "scheme://host of the predict endpoint (private endpoints); default: from the deployment's URL",
         env=("OCI_MODEL_DEPLOYMENT_ENDPOINT",))
+    federation_endpoint: str | None = _setting(
+        None, "auth service URL for instance_principal tokens; default: the region's (as the OCI CLI's option)",
+        env=("OCI_CLI_FEDERATION_ENDPOINT",))
 
     # Where things go.
     compartment_id: str | None = _setting(None, "compartment OCID of the model and the deployment",

@@ -62,13 +62,26 @@ def retry_strategy(budget_seconds: float):
     ).get_retry_strategy()
 
 
-def build_signer(auth: str, config_file: str, profile: str) -> tuple[object, dict]:
-    """The SDK signer for `OCI_AUTH`, and the client config it goes with (with the region, when known)."""
+def build_signer(auth: str, config_file: str, profile: str, federation_endpoint: str | None = None,
+                 budget_seconds: float = 20.0) -> tuple[object, dict]:
+    """The SDK signer for `OCI_AUTH`, and the client config it goes with (with the region, when known).
+
+    Args:
+        federation_endpoint: the auth service's X.509 federation URL (`instance_principal`); None: the region's.
+        budget_seconds: how long the instance principal's calls to IMDS and the auth service may retry.
+    """
     if auth == "resource_principal":
         signer = oci.auth.signers.get_resource_principals_signer()
         return signer, {"region": signer.region} if signer.region else {}
     if auth == "instance_principal":
-        signer = oci.auth.signers.InstancePrincipalsSecurityTokenSigner()
+        # The SDK's own retries on IMDS and the auth service last 90 s and more (e.g. off OCI, where IMDS never
+        # answers), and its auth circuit breaker is shared by the whole process: bound both like our own calls.
+        signer = oci.auth.signers.InstancePrincipalsSecurityTokenSigner(
+            federation_endpoint=federation_endpoint,
+            retry_strategy=retry_strategy(budget_seconds),
+            federation_client_retry_strategy=retry_strategy(budget_seconds),
+            federation_client_circuit_breaker_strategy=oci.circuit_breaker.NoCircuitBreakerStrategy(),
+        )
         return signer, {"region": signer.region}
     config = oci.config.from_file(config_file, profile)
     if auth == "api_key":
@@ -83,6 +96,13 @@ def build_signer(auth: str, config_file: str, profile: str) -> tuple[object, dic
 def _short(exc: BaseException, limit: int = 300) -> str:
     text = " ".join(str(exc.args[0] if exc.args else exc).split())
     return text if len(text) <= limit else text[:limit] + "…"
+
+
+def _service_answer(exc: oci.exceptions.ServiceError) -> str:
+    # A ServiceError's str() is a dict of mostly empty fields; this is what the service said.
+    message = " ".join(str(exc.message).split())[:200]
+    request_id = f" (opc-request-id {exc.request_id})" if exc.request_id else ""
+    return f"{exc.status}{' ' + exc.code if exc.code else ''}: {message}{request_id}"
 
 
 def _header_safe(metadata: dict[str, str]) -> dict[str, str]:
@@ -101,7 +121,7 @@ class ObjectStorageStore:
     def __init__(self, bucket: str, namespace: str | None = None, auth: str = "resource_principal",
                  region: str | None = None, endpoint: str | None = None, profile: str = "DEFAULT",
                  config_file: str = "~/.oci/config", timeout_seconds: float = 20.0, return_url: bool = False,
-                 url_ttl_seconds: int = 3600):
+                 url_ttl_seconds: int = 3600, federation_endpoint: str | None = None):
         self.bucket = bucket
         self.namespace = namespace
         self.auth = auth
@@ -112,6 +132,7 @@ class ObjectStorageStore:
         self.timeout_seconds = timeout_seconds
         self.return_url = return_url
         self.url_ttl_seconds = url_ttl_seconds
+        self.federation_endpoint = federation_endpoint
         self._client = None
         self._lock = threading.Lock()
 
@@ -123,7 +144,7 @@ class ObjectStorageStore:
             region=settings.oci_region, endpoint=settings.oci_object_storage_endpoint,
             profile=settings.oci_profile, config_file=settings.oci_config_file,
             timeout_seconds=settings.store_timeout_seconds, return_url=settings.return_url,
-            url_ttl_seconds=settings.url_ttl_seconds,
+            url_ttl_seconds=settings.url_ttl_seconds, federation_endpoint=settings.oci_federation_endpoint,
         )
 
     def location(self, name: str) -> Location:
@@ -183,7 +204,14 @@ class ObjectStorageStore:
 
     def _build_client(self):
         try:
-            signer, config = build_signer(self.auth, self.config_file, self.profile)
+            signer, config = build_signer(self.auth, self.config_file, self.profile, self.federation_endpoint,
+                                          self.timeout_seconds)
+        except oci.exceptions.ServiceError as exc:
+            # An instance principal's IMDS or auth service answered with an error. The SDK makes IMDS's from the
+            # HTTP status alone (no code); the auth service's carry its error code.
+            source = "the instance metadata service" if exc.code is None else "the auth service"
+            raise StoreError(f"OCI_AUTH={self.auth}: cannot load the credential: {source} answered "
+                             f"{_service_answer(exc)}") from None
         except Exception as exc:  # noqa: BLE001 - the SDK raises many types here; all mean "no usable credential"
             raise StoreError(f"OCI_AUTH={self.auth}: cannot load the credential: {_short(exc)} "
                              f"({AUTH_HINTS.get(self.auth, '')})") from None
@@ -210,6 +238,10 @@ class ObjectStorageStore:
             raise StoreError(self._explain(exc)) from None
 
     def _explain(self, exc: BaseException) -> str:
+        if isinstance(exc, oci.exceptions.ServiceError) and exc.operation_name is None:
+            # No Object Storage operation: the auth service, asked for a new token while the call was signed.
+            return (f"OCI_AUTH={self.auth}: cannot renew the credential: the auth service answered "
+                    f"{_service_answer(exc)}")
         if isinstance(exc, oci.exceptions.ServiceError):
             hint = {
                 401: f"the credential (OCI_AUTH={self.auth}) was refused",

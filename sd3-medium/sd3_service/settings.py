@@ -37,6 +37,9 @@ class Settings(BaseSettings):
     oci_config_file: str = Field("~/.oci/config", description="OCI config file, for `api_key`/`security_token`")
     oci_region: str | None = Field(None, description="region of the bucket; the signer's region when unset")
     oci_object_storage_endpoint: str | None = Field(None, description="endpoint override (private endpoints, tests)")
+    oci_federation_endpoint: str | None = Field(
+        None, description="where `instance_principal` gets its session token (tests, a non-default auth endpoint); "
+                          "the region's auth service, `https://auth.<region>.oraclecloud.com/v1/x509`, when unset")
     image_dir: Path = Field(Path("./outputs"), description="where images go when BUCKET_NAME is unset")
     spool_dir: Path = Field(Path("/var/tmp/sd3-medium/spool"),
                             description="images not stored yet wait here (outside the read-only artifact) for a retry")
