@@ -195,19 +195,20 @@ def signing_string(method: str, target: str, headers: dict[str, str], names: lis
 
 def verify_signature(method: str, target: str, headers: dict[str, str], body: bytes,
                      keys: dict[str, rsa.RSAPublicKey], body_signed: bool,
-                     now: float | None = None) -> str:
+                     now: float | None = None, generic_headers: tuple[str, ...] = GENERIC_HEADERS) -> str:
     """Check an OCI request signature; return the key id that signed it or raise `SignatureError`.
 
     Args:
         target: the request target as sent (path and query string).
         headers: request headers with lower-case names.
         body_signed: whether this operation must sign its body headers (OCI exempts object uploads).
+        generic_headers: headers every request must sign (the auth service's federation call omits host).
     """
     params = parse_authorization(headers.get("authorization"))
     if params["algorithm"] != "rsa-sha256":
         raise SignatureError(f"algorithm {params['algorithm']!r} is not rsa-sha256")
     names = params["headers"].split()
-    required = list(GENERIC_HEADERS) + (list(BODY_HEADERS) if body_signed else [])
+    required = list(generic_headers) + (list(BODY_HEADERS) if body_signed else [])
     missing = [name for name in required if name not in names]
     if missing:
         raise SignatureError(f"headers {missing} must be signed")
