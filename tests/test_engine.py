@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import threading
 import time
@@ -143,6 +144,19 @@ def test_a_repeated_request_id_answers_images_the_spool_stored_since_as_stored(t
     assert (again.uri, again.object_name, again.sha256) == (first.uri, first.object_name, first.sha256)
     assert hashlib.sha256((tmp_path / "images" / again.object_name).read_bytes()).hexdigest() == first.sha256
     assert calls == ["a"]  # repeats never generate
+    engine.shutdown()
+
+
+def test_a_store_that_raises_something_unexpected_still_loses_no_image(tiny, tmp_path):
+    class BuggyStore(LocalFolderStore):
+        def put(self, image):
+            raise KeyError("token")  # not a StoreError: a bug, or an SDK error the store did not expect
+
+    kept = []
+    engine = ready_engine(tiny, BuggyStore(tmp_path), on_store_failure=kept.append, store_params=True)
+    [image] = asyncio.run(engine.run(PredictRequest(prompt="a", **SMALL))).response.images
+    assert image.stored is False and hashlib.sha256(base64.b64decode(image.data)).hexdigest() == image.sha256
+    assert [k.name for k in kept] == [image.object_name, image.object_name.rsplit("-", 1)[0] + ".json"]
     engine.shutdown()
 
 

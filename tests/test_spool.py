@@ -228,3 +228,35 @@ def test_a_refused_credential_recovers_once_it_is_fixed(fake, tmp_path, started,
 
     wait_until(lambda: len(spooling.spool) == 0)
     assert fake.object("images", image().name) is not None and spooling.state == "ok"
+
+
+class BuggyStore(LocalFolderStore):
+    """A real local store that raises a non-StoreError (a bug, or an SDK error nobody expected) while `broken`."""
+
+    broken = True
+
+    def put(self, image):
+        if self.broken:
+            raise KeyError("token")  # what a 200 without a token did inside the SDK's token renewal
+        return super().put(image)
+
+
+def test_a_stores_unexpected_error_neither_stops_the_uploader_nor_loses_the_image(tmp_path, caplog):
+    folder = BuggyStore(tmp_path / "images")
+    spooling = SpoolingStore(folder, Spool(tmp_path / "spool"), retry_min_seconds=0.05, retry_max_seconds=0.1)
+    lost = image()
+    with pytest.raises(KeyError):
+        spooling.put(lost)  # the engine answers it inline (tests/test_engine.py) and keeps it:
+    spooling.keep(lost)
+    assert spooling.state == "failing" and "KeyError" in spooling.error
+    spooling.start()
+    try:
+        time.sleep(0.3)  # a few failed uploads
+        assert spooling._thread.is_alive() and len(spooling.spool) == 1
+        folder.broken = False
+        wait_until(lambda: len(spooling.spool) == 0)
+    finally:
+        spooling.stop(5)
+    assert (tmp_path / "images" / lost.name).read_bytes() == lost.data
+    assert spooling.stored_later(lost.name).uri == folder.location(lost.name).uri
+    assert "Uploading spooled" in caplog.text and "KeyError" in caplog.text

@@ -267,7 +267,7 @@ class Engine:
                               metadata=metadata)
         try:
             self.store.put(sidecar)
-        except StoreError as exc:
+        except Exception as exc:  # noqa: BLE001 - as for the images: kept, never lost
             rlog.warning("Storing %s failed (%s): keeping it for a later retry", sidecar.name, exc)
             if self.on_store_failure is not None:
                 self.on_store_failure(sidecar)
@@ -289,9 +289,13 @@ class Engine:
         try:
             where = self.store.put(image)
             stored = True
-        except StoreError as exc:
-            rlog.warning("Storing %s failed (%s): returning it inline and keeping it for a later retry",
-                         image.name, exc)
+        except Exception as exc:  # noqa: BLE001 - whatever broke, the image is answered and kept, never lost
+            if isinstance(exc, StoreError):
+                rlog.warning("Storing %s failed (%s): returning it inline and keeping it for a later retry",
+                             image.name, exc)
+            else:  # a bug in a store, or an SDK error it did not expect: worth its traceback
+                rlog.exception("Storing %s failed unexpectedly: returning it inline and keeping it for a later "
+                               "retry", image.name)
             if self.on_store_failure is not None:
                 self.on_store_failure(image)
             where = self.store.location(image.name)

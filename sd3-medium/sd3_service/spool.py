@@ -150,8 +150,8 @@ class SpoolingStore:
             raise StoreError(f"{self.error} (still failing; the spool uploads it once the store answers)")
         try:
             location = self.store.put(image)
-        except StoreError as exc:
-            self._failing(str(exc))
+        except Exception as exc:
+            self._failing(str(exc) if isinstance(exc, StoreError) else f"{type(exc).__name__}: {exc}")
             raise
         self._ok()
         return location
@@ -210,6 +210,10 @@ class SpoolingStore:
             except StoreError as exc:
                 self._failing(str(exc))
                 return False
+            except Exception as exc:  # noqa: BLE001 - the uploader must outlive a store's bug; the file stays
+                log.exception("[%s] Uploading spooled %s failed unexpectedly", request_id_of(image.name), image.name)
+                self._failing(f"{type(exc).__name__}: {exc}")
+                return False
             self._ok()
             self.spool.remove(path)
             with self._stored_later_lock:
@@ -239,8 +243,8 @@ class SpoolingStore:
             return True
         try:
             check()
-        except StoreError as exc:
-            self._failing(str(exc))
+        except Exception as exc:  # noqa: BLE001 - a store's bug must not end the uploader
+            self._failing(str(exc) if isinstance(exc, StoreError) else f"{type(exc).__name__}: {exc}")
             return False
         self._ok()
         return True
@@ -255,7 +259,7 @@ class SpoolingStore:
         if check is not None:
             try:
                 check()
-            except StoreError as exc:
+            except Exception as exc:  # noqa: BLE001 - StoreError, or a store's bug: either way, keep serving
                 # The one start-up line about a broken store: requests then fail fast, without tracebacks.
                 self.state, self.error = "failing", str(exc)
                 log.error("The image store is unusable: %s. Images are answered inline and kept in %s until it "
