@@ -16,6 +16,19 @@ from provisioner.settings import ConfigError, DeploySettings
 # Control-plane calls keep the SDK's default retries; predict never retries (design.md §2).
 HEADER_RESEND_ENV = "OCI_HEADER_PARSING_ERROR_MAX_RETRIES"
 PREDICT_TIMEOUT = (10.0, 90.0)  # connect, read; Model Deployment itself cuts a predict at 60 s
+IDENTITY_RETRY_SECONDS = 15  # instance_principal: how long to retry the metadata and auth services
+
+
+def identity_retry_strategy():
+    """Retries for an instance principal's metadata and auth-service calls, bounded in time.
+
+    The SDK's own take minutes to give up where nothing answers at the metadata address (off OCI).
+    """
+    return oci.retry.RetryStrategyBuilder(
+        max_attempts_check=True, max_attempts=5,
+        total_elapsed_time_check=True, total_elapsed_time_seconds=IDENTITY_RETRY_SECONDS,
+        service_error_check=True,
+    ).get_retry_strategy()
 
 
 @dataclass(frozen=True)
@@ -74,7 +87,8 @@ def build_auth(settings: DeploySettings) -> OciAuth:
             signer = oci.auth.signers.get_resource_principals_signer()
         else:
             signer = oci.auth.signers.InstancePrincipalsSecurityTokenSigner(
-                federation_endpoint=settings.federation_endpoint)
+                federation_endpoint=settings.federation_endpoint, retry_strategy=identity_retry_strategy(),
+                federation_client_retry_strategy=identity_retry_strategy())
         return OciAuth(config={"region": settings.region or signer.region}, signer=signer)
     except ConfigError:
         raise

@@ -268,11 +268,12 @@ class Operator:
     auth_service: FakeAuthService
     imds: FakeInstanceMetadata
     workdir: Path
+    metadata_url: str | None = None  # where the SDK looks for IMDS; the fake's when None
 
     def run(self, *args: str) -> subprocess.CompletedProcess:
         environ = {k: v for k, v in os.environ.items() if not k.startswith(("OCI_", "SD3_DEPLOY_"))}
         environ.update({"HOME": str(self.workdir), "COLUMNS": "200",
-                        "OCI_METADATA_BASE_URL": self.imds.base_url,
+                        "OCI_METADATA_BASE_URL": self.metadata_url or self.imds.base_url,
                         "OCI_CLI_FEDERATION_ENDPOINT": self.auth_service.federation_endpoint,
                         "OCI_DATA_SCIENCE_ENDPOINT": self.data_science.endpoint,
                         "SD3_DEPLOY_COMPARTMENT_ID": COMPARTMENT_ID})
@@ -310,4 +311,18 @@ def test_the_provisioner_names_the_auth_services_refusal_in_one_line(operator):
     assert result.returncode == 1
     (line,) = result.stderr.strip().splitlines()
     assert line.startswith("OCI error: 401 NotAuthenticated: The federation request was refused"), line
+    assert operator.data_science.seen() == []
+
+
+def test_the_provisioner_off_an_instance_gives_up_in_seconds_with_one_line(operator):
+    operator.metadata_url = closed_port_url()  # nothing answers at the metadata address, as off OCI
+    began = time.monotonic()
+
+    result = operator.run("status", "sd3-medium")
+
+    assert result.returncode == 2  # the CLI's code for a setting or credential the operator must fix
+    assert time.monotonic() - began < 30  # the SDK's own retries took 90 s and more
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("error: cannot set up instance_principal authentication: ConnectionError"), line
+    assert "can only be used on OCI compute instances" in line
     assert operator.data_science.seen() == []
