@@ -134,5 +134,11 @@ def test_serving_benchmark_smoke(tmp_path):
         for row in rows:  # nothing lost
             assert row["ok"] == row["requests"] == row["clients"] * report["plan"]["requests_per_client"]
             assert row["throughput_per_s"] > 0 and row["p95_ms"] >= row["p50_ms"] > 0
+            assert row["rounds"] == len(row["throughput_per_round"]) == report["plan"]["load_rounds"]
+            assert row["x_in_process_rate"] > 0
+    reference = report["throughput_reference"]["per_level"]  # measured in the same rounds as the servers
+    assert [level["clients"] for level in reference] == report["plan"]["concurrency"]
+    assert all(len(level["in_process_ms"]) == report["plan"]["load_rounds"] * report["plan"]["reference_samples"]
+               for level in reference)
     with Image.open(tmp_path / "serving-smoke.png") as plot:
         assert plot.format == "PNG" and plot.width > 500
