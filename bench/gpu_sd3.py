@@ -382,7 +382,10 @@ def run_variant_process(variant: Variant, args, timeout_s: float | None) -> tupl
     """Run one variant in a child process, stopped after `timeout_s`; returns (result, image, failure)."""
     with tempfile.TemporaryDirectory(prefix="gpu_sd3-") as work:
         command = [sys.executable, str(Path(__file__).resolve()), "--run-variant", variant.name, "--work-dir", work]
-        command += ["--reduced"] * args.reduced + (["--repeats", str(args.repeats)] if args.repeats else [])
+        if args.reduced:
+            command.append("--reduced")
+        if args.repeats:
+            command += ["--repeats", str(args.repeats)]
         # Its own process group: a stopped compile takes its inductor worker processes with it.
         child = subprocess.Popen(command, start_new_session=True, env={**os.environ, "TRANSFORMERS_VERBOSITY": "error"})
         try:

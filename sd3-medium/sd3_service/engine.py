@@ -268,7 +268,8 @@ class Engine:
         try:
             self.store.put(sidecar)
         except Exception as exc:  # noqa: BLE001 - as for the images: kept, never lost
-            rlog.warning("Storing %s failed (%s): keeping it for a later retry", sidecar.name, exc)
+            rlog.warning("Storing %s failed (%s): keeping it for a later retry", sidecar.name, exc,
+                         exc_info=not isinstance(exc, StoreError))  # a store's bug gets its traceback
             if self.on_store_failure is not None:
                 self.on_store_failure(sidecar)
 

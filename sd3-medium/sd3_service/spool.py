@@ -31,6 +31,11 @@ STORED_LATER_MEMORY = 8192
 _IMAGE_NAME = re.compile(r"(?P<request_id>[A-Za-z0-9_-]+?)(-\d+)?\.\w+")
 
 
+def failure_reason(exc: BaseException) -> str:
+    """What /health and the log say about a failed store call: a StoreError's own words, else the type too."""
+    return str(exc) if isinstance(exc, StoreError) else f"{type(exc).__name__}: {exc}"
+
+
 def request_id_of(name: str) -> str:
     """The request id inside a server-made object name (`…/<request_id>-<index>.<ext>`)."""
     match = _IMAGE_NAME.fullmatch(name.rsplit("/", 1)[-1])
@@ -151,7 +156,7 @@ class SpoolingStore:
         try:
             location = self.store.put(image)
         except Exception as exc:
-            self._failing(str(exc) if isinstance(exc, StoreError) else f"{type(exc).__name__}: {exc}")
+            self._failing(failure_reason(exc))
             raise
         self._ok()
         return location
@@ -212,7 +217,7 @@ class SpoolingStore:
                 return False
             except Exception as exc:  # noqa: BLE001 - the uploader must outlive a store's bug; the file stays
                 log.exception("[%s] Uploading spooled %s failed unexpectedly", request_id_of(image.name), image.name)
-                self._failing(f"{type(exc).__name__}: {exc}")
+                self._failing(failure_reason(exc))
                 return False
             self._ok()
             self.spool.remove(path)
@@ -244,7 +249,7 @@ class SpoolingStore:
         try:
             check()
         except Exception as exc:  # noqa: BLE001 - a store's bug must not end the uploader
-            self._failing(str(exc) if isinstance(exc, StoreError) else f"{type(exc).__name__}: {exc}")
+            self._failing(failure_reason(exc))
             return False
         self._ok()
         return True
@@ -261,7 +266,7 @@ class SpoolingStore:
                 check()
             except Exception as exc:  # noqa: BLE001 - StoreError, or a store's bug: either way, keep serving
                 # The one start-up line about a broken store: requests then fail fast, without tracebacks.
-                self.state, self.error = "failing", str(exc)
+                self.state, self.error = "failing", failure_reason(exc)
                 log.error("The image store is unusable: %s. Images are answered inline and kept in %s until it "
                           "works; /health shows store.state and store.error", exc, self.spool.root)
             else:
