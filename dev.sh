@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One entry point for a fresh machine (Python 3.11, pip, git):
-#   bash dev.sh serve   - install, then serve the service on http://127.0.0.1:3000 (tiny model on CPU
+#   bash dev.sh serve   - install, then serve on http://127.0.0.1:3000 (HOST, PORT change it; tiny model on CPU
 #                         and ./outputs unless SD3_MODEL / BUCKET_NAME say otherwise)
 #   bash dev.sh test    - install, then run the whole test suite
 #   bash dev.sh lock    - after changing a pin in pyproject.toml: install it, then rewrite requirements.lock

@@ -16,6 +16,7 @@ from starlette.responses import JSONResponse, Response
 from sd3_service.engine import Engine, NotReady, QueueFull
 from sd3_service.http_errors import RequestGuard, error_response
 from sd3_service.model_loading import load_pipeline
+from sd3_service.openapi import ApiDocuments, api_document
 from sd3_service.contract import ImageParameters, PredictRequest, PredictResponse
 from sd3_service.settings import Settings
 from sd3_service.spool import Spool, SpoolingStore
@@ -40,7 +41,8 @@ routes = FastAPI(title="health", docs_url=None, redoc_url=None, openapi_url=None
     name="sd3-medium",
     traffic={"timeout": 300},  # our own queue bound answers 429 long before this
     resources={"gpu": 1},
-    http={"port": 3000},
+    # Loopback unless told otherwise (`--host 0.0.0.0`, as the container does): a laptop's server stays private.
+    http={"host": "127.0.0.1", "port": 3000},
 )
 @bentoml.asgi_app(routes, path="/")
 class SD3Medium:
@@ -99,6 +101,10 @@ class SD3Medium:
             return error_response(500, "internal_error", "generation failed; the server log has the details")
 
 
+SD3Medium.add_asgi_middleware(
+    ApiDocuments,
+    document=lambda: api_document(SD3Medium.openapi_spec.asdict()["paths"], PREDICT_ROUTE, HEALTH_ROUTE),
+)
 SD3Medium.add_asgi_middleware(
     RequestGuard,
     models={PREDICT_ROUTE: PredictRequest, "/txt2img": ImageParameters},

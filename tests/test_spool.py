@@ -22,7 +22,7 @@ def image(index: int = 0, request_id: str = "req-42") -> ImageObject:
                        content_type="image/png", metadata={"seed": str(index), "model": "tiny"})
 
 
-def wait_until(condition, timeout: float = 15.0) -> None:
+def wait_until(condition, timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
         assert time.monotonic() < deadline, "timed out"
@@ -151,10 +151,9 @@ def test_an_outage_keeps_the_image_and_uploads_it_under_the_same_name_when_the_b
     assert about["state"] == "failing" and about["spooled"] == 1 and "503" in about["error"]
     # While it is known to fail, requests do not each spend the retry budget on it.
     calls = len(fake.requests)
-    began = time.monotonic()
     with pytest.raises(StoreError, match="still failing"):
         spooling.put(image(1))
-    assert time.monotonic() - began < 0.1
+    assert fake.seen("PUT", image(1).name) == [], "a known-down store was tried on the request path"
     time.sleep(0.5)  # the uploader keeps trying in the background meanwhile, and keeps the file
     assert len(fake.requests) > calls and len(spooling.spool) == 1
 

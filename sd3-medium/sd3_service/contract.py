@@ -1,4 +1,4 @@
-"""The HTTP contract of the service: request and response models (design.md §3), in one place.
+"""The HTTP contract of the service: request and response models, in one place (docs/architecture.md).
 
 The OpenAPI page, request validation and the README's tables all come from these models.
 """
@@ -16,7 +16,8 @@ CONTENT_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 class ImageParameters(BaseModel):
     """What to generate: one image's parameters (the body of `POST /txt2img`)."""
 
-    model_config = ConfigDict(extra="forbid")
+    # Strict: `true` is not a seed and `"28"` is not a step count; a JSON integer still fills a float field.
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     prompt: str = Field(..., min_length=1, max_length=2000, description="What to draw.")
     negative_prompt: str | None = Field(None, max_length=2000, description="What to keep out of the image.")
@@ -73,13 +74,34 @@ class PredictResponse(BaseModel):
     timings_ms: dict[str, int] = Field(..., description="queue, generate, encode, store in milliseconds")
 
 
+class Problem(BaseModel):
+    """One invalid field of a request."""
+
+    field: str = Field(..., description="the field, dotted for nested ones (`body` for the body as a whole)")
+    message: str = Field(..., description="what is wrong with it and what is allowed")
+
+
 class ErrorDetail(BaseModel):
-    code: str = Field(..., description="`invalid_input`, `malformed_json`, `payload_too_large`, `queue_full`, `not_ready`")
+    code: str = Field(..., description="`invalid_input`, `malformed_json`, `payload_too_large`, `queue_full`, "
+                                       "`not_ready`, `internal_error`")
     message: str = Field(..., description="what is wrong and what is allowed")
-    field: str | None = Field(None, description="the (first) offending field")
-    problems: list[dict] | None = Field(None, description="every invalid field, for `invalid_input`")
+    field: str | None = Field(..., description="the (first) offending field; null when no field is at fault")
+    problems: list[Problem] | None = Field(None, description="every invalid field, for `invalid_input`")
 
 
 class ErrorResponse(BaseModel):
+    """Every error the service answers (4xx and 5xx) has this body."""
+
     error: ErrorDetail
+
+
+class HealthResponse(BaseModel):
+    """The body of `GET /health`: 200 when ready, 503 while loading or after a failed load."""
+
+    status: Literal["loading", "ready", "failed"] = Field(..., description="where start-up stands")
+    model: str | None = Field(None, description="the model served, once ready")
+    device: str | None = Field(None, description="where it runs, once ready")
+    dtype: str | None = Field(None, description="its weights' dtype, once ready")
+    store: dict | None = Field(None, description="the image store: kind, where, state, images waiting in the spool")
+    error: str | None = Field(None, description="why loading failed")
 

@@ -13,7 +13,7 @@ ARTIFACT_DIR = Path(__file__).resolve().parent.parent
 
 
 class Settings(BaseSettings):
-    """Every knob of the service, named as in design.md §3 (environment variable = field name, upper case)."""
+    """Every knob of the service (environment variable = field name, upper case); the README's table lists them."""
 
     model_config = SettingsConfigDict(case_sensitive=False, extra="ignore")
 
@@ -40,7 +40,8 @@ class Settings(BaseSettings):
     oci_federation_endpoint: str | None = Field(
         None, description="where `instance_principal` gets its session token (tests, a non-default auth endpoint); "
                           "the region's auth service, `https://auth.<region>.oraclecloud.com/v1/x509`, when unset")
-    image_dir: Path = Field(Path("./outputs"), description="where images go when BUCKET_NAME is unset")
+    image_dir: Path = Field(Path("./outputs"), description="where images go when BUCKET_NAME is unset; a relative "
+                            "path that would fall inside the artifact (`sd3-medium/`) is taken beside it instead")
     spool_dir: Path = Field(Path("/var/tmp/sd3-medium/spool"),
                             description="images not stored yet wait here (outside the read-only artifact) for a retry")
     store_timeout_seconds: float = Field(20.0, ge=2, le=50, description="the longest one image's upload may take, "
@@ -59,6 +60,18 @@ class Settings(BaseSettings):
     @classmethod
     def _leading_slash(cls, route: str) -> str:
         return route if route.startswith("/") else "/" + route
+
+    @field_validator("image_dir")
+    @classmethod
+    def _images_outside_artifact(cls, folder: Path) -> Path:
+        # `cd sd3-medium && bentoml serve .` must not write into the artifact (read-only in Model Deployment,
+        # and zipped by the provisioner): the default `./outputs` then means the one beside it.
+        resolved = folder.expanduser().resolve()
+        if not resolved.is_relative_to(ARTIFACT_DIR):
+            return folder
+        if folder.expanduser().is_absolute():
+            raise ValueError(f"IMAGE_DIR must be outside the model artifact {ARTIFACT_DIR}")
+        return ARTIFACT_DIR.parent / resolved.relative_to(ARTIFACT_DIR)
 
     @field_validator("spool_dir")
     @classmethod

@@ -44,8 +44,11 @@ class Server:
 
 
 def start_server(tmp: Path, env: dict[str, str] | None = None, wait_ready: bool = True,
-                 timeout: float = 180) -> Server:
-    """Start the service with the tiny model and a private image folder; wait for /health to leave 'loading'."""
+                 timeout: float = 180, host: str | None = "127.0.0.1") -> Server:
+    """Start the service with the tiny model and a private image folder; wait for /health to leave 'loading'.
+
+    `host=None` passes no `--host`, to serve on the service's own default.
+    """
     port = free_port()
     image_dir = tmp / "images"
     tmp.mkdir(parents=True, exist_ok=True)
@@ -62,7 +65,7 @@ def start_server(tmp: Path, env: dict[str, str] | None = None, wait_ready: bool 
     }
     with log_path.open("wb") as log:
         process = subprocess.Popen(
-            [str(BENTOML), "serve", ".", "--host", "127.0.0.1", "--port", str(port)],
+            [str(BENTOML), "serve", ".", *(["--host", host] if host else []), "--port", str(port)],
             cwd=SERVICE_DIR, env=full_env, stdout=log, stderr=subprocess.STDOUT,
             start_new_session=True,  # its own process group: stopping it stops its worker too
         )
@@ -120,8 +123,8 @@ def make_server(tmp_path):
     """Start extra servers with their own settings; all are stopped after the test."""
     started: list[Server] = []
 
-    def make(env: dict[str, str] | None = None, wait_ready: bool = True) -> Server:
-        started.append(start_server(tmp_path / f"server{len(started)}", env, wait_ready))
+    def make(env: dict[str, str] | None = None, wait_ready: bool = True, **options) -> Server:
+        started.append(start_server(tmp_path / f"server{len(started)}", env, wait_ready, **options))
         return started[-1]
 
     yield make

@@ -30,15 +30,12 @@ def file_of(image: dict) -> Path:
     return Path(urlparse(image["uri"]).path)
 
 
-def test_health_reports_loading_then_ready_and_always_answers_fast(server):
+def test_health_reports_loading_then_ready(server):
+    # The route answers while the model loads (a load that blocked it would show no `loading` answer at all);
+    # how soon it answers is measured by bench/startup.py, not asserted here.
     statuses = [(status, body.get("status")) for status, body, _ in server.health_seen]
     assert (503, "loading") in statuses, statuses
-    assert statuses[-1] == (200, "ready")
-    # The first answer waits for BentoML's worker process to start behind the already-open port (1.2-1.3 s
-    # here, bench/startup.py); after that the loading thread must never stall the route (a blocking load
-    # takes seconds).
-    first, *rest = [seconds for *_, seconds in server.health_seen]
-    assert first < 2.5 and max(rest) < 1.0, server.health_seen
+    assert statuses.index((503, "loading")) < len(statuses) - 1 and statuses[-1] == (200, "ready"), statuses
     with server.client() as client:
         body = client.get("/health").json()
     assert body["model"] == "tiny" and body["device"] == "cpu" and body["dtype"] == "float32"
@@ -251,3 +248,21 @@ def test_routes_follow_the_model_deployment_env_vars(make_server):
         bad = client.post("/v1/generate", json={"prompt": "a", "width": 7})
     assert ok.status_code == 200 and ok.json()["images"][0]["stored"]
     assert bad.status_code == 400 and bad.json()["error"]["field"] == "width"
+
+
+def listening_addresses(port: int) -> set[str]:
+    """The local addresses with a TCP socket listening on `port`, read from /proc/net/tcp (IPv4) and tcp6."""
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            address, hex_port = local.rsplit(":", 1)
+            if state == "0A" and int(hex_port, 16) == port:  # 0A: LISTEN
+                found.add(address)
+    return found
+
+
+def test_bentoml_serve_without_host_listens_on_loopback_only(make_server):
+    server = make_server(host=None)
+    port = int(server.url.rsplit(":", 1)[1])
+    assert listening_addresses(port) == {"0100007F"}, "expected 127.0.0.1 only"  # little-endian hex

@@ -1,0 +1,76 @@
+"""The OpenAPI document the real server serves says what the service really answers, and the README's URLs answer."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import httpx
+
+REPO = Path(__file__).resolve().parents[2]
+CHECKS = ("not_a_server_error,status_code_conformance,content_type_conformance,negative_data_rejection,"
+          "positive_data_acceptance,response_schema_conformance")
+
+
+def test_the_document_carries_the_projects_version_and_description(server):
+    document = httpx.get(server.url + "/docs.json").json()
+    version = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
+    assert document["info"]["version"] == version
+    assert "Stable Diffusion 3 Medium" in document["info"]["description"]
+    assert "BentoML" not in document["info"]["description"]
+    assert httpx.get(server.url + "/openapi.json").json() == document
+
+
+def test_every_error_status_is_declared_with_the_services_own_body(server):
+    document = httpx.get(server.url + "/docs.json").json()
+    error_ref = {"$ref": "#/components/schemas/ErrorResponse"}
+    for route in ("/predict", "/txt2img"):
+        responses = document["paths"][route]["post"]["responses"]
+        assert set(responses) == {"200", "400", "413", "429", "500", "503"}, route
+        for status in ("400", "413", "429", "500", "503"):
+            assert responses[status]["content"]["application/json"]["schema"] == error_ref, (route, status)
+        assert "Retry-After" in responses["429"]["headers"] and "Retry-After" in responses["503"]["headers"]
+        assert document["paths"][route]["post"]["requestBody"]["required"] is True
+    error = document["components"]["schemas"]["ErrorDetail"]
+    assert set(error["properties"]) == {"code", "message", "field", "problems"}
+    assert set(document["paths"]["/health"]["get"]["responses"]) == {"200", "503"}
+
+
+def test_media_types_and_nullable_fields_are_as_served(server):
+    document = httpx.get(server.url + "/docs.json").json()
+    image = document["paths"]["/txt2img"]["post"]["responses"]["200"]["content"]
+    assert set(image) == {"image/png", "image/jpeg", "image/webp"}
+    request = document["components"]["schemas"]["PredictRequest"]["properties"]
+    assert request["seed"]["nullable"] is True and request["request_id"]["nullable"] is True
+    assert "nullable" not in request["prompt"] and "nullable" not in request["width"]
+
+
+def test_every_url_the_readme_names_answers(server):
+    readme = (REPO / "README.md").read_text()
+    paths = sorted({path or "/" for path in re.findall(r"(?:127\.0\.0\.1|localhost):3000(/[\w./-]*)?", readme)})
+    assert {"/", "/docs.json", "/predict", "/txt2img", "/health"} <= set(paths), paths
+    with server.client(follow_redirects=True) as client:
+        for path in paths:
+            if path in ("/predict", "/txt2img"):  # POST routes: what the README sends them
+                response = client.post(path, json={"prompt": "a kite", "width": 256, "height": 256,
+                                                   "num_inference_steps": 1})
+            else:
+                response = client.get(path)
+            assert response.status_code == 200, (path, response.status_code, response.text[:200])
+
+
+def test_schemathesis_finds_no_disagreement_with_the_document(server, tmp_path):
+    # Bounded: a fixed seed and example count, and the hooks lower valid sizes and step counts to the cheapest.
+    result = subprocess.run(
+        [str(Path(sys.executable).with_name("schemathesis")), "run", server.url + "/docs.json", "--checks", CHECKS,
+         "--max-examples", "8", "--seed", "1", "--no-color", "--generation-database", "none",
+         "--report-dir", str(tmp_path)],
+        cwd=Path(__file__).parent, env={**os.environ, "SCHEMATHESIS_HOOKS": "schemathesis_hooks"},
+        capture_output=True, text=True, timeout=900,
+    )
+    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]
+    assert re.search(r"Tested: [1-9]", result.stdout), result.stdout[-3000:]
