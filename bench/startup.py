@@ -1,6 +1,6 @@
 """How soon /health answers after `bentoml serve` opens its port, and how fast it answers while loading.
 
-The contract (design.md §3) wants /health to answer within a second from the moment the server
+The contract (docs/architecture.md) wants /health to answer within a second from the moment the server
 listens. This starts the real server (tiny model) a few times, polls the port until it accepts, then
 polls /health every 0.2 s until it is ready, and prints each phase:
 

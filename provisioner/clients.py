@@ -13,22 +13,27 @@ import oci
 
 from provisioner.settings import ConfigError, DeploySettings
 
-# Control-plane calls keep the SDK's default retries; predict never retries (design.md §2).
+# Control-plane calls retry what the SDK deems transient, for a bounded time; predict never retries
+# (a retried predict would generate again).
 HEADER_RESEND_ENV = "OCI_HEADER_PARSING_ERROR_MAX_RETRIES"
 PREDICT_TIMEOUT = (10.0, 90.0)  # connect, read; Model Deployment itself cuts a predict at 60 s
-IDENTITY_RETRY_SECONDS = 15  # instance_principal: how long to retry the metadata and auth services
+RETRY_ATTEMPTS = 5
+RETRY_SECONDS = 15  # how long one call retries: an unreachable endpoint is reported in ~20 s, not the SDK's 95 s
+CONTROL_PLANE_TIMEOUT = (5.0, 60.0)  # connect, read: a closed or filtered port fails fast
 
 
-def identity_retry_strategy():
-    """Retries for an instance principal's metadata and auth-service calls, bounded in time.
+def bounded_retry_strategy():
+    """The SDK's retries (timeouts, connection errors, 429, 5xx), but none started after RETRY_SECONDS.
 
-    The SDK's own take minutes to give up where nothing answers at the metadata address (off OCI).
+    The SDK's default keeps retrying for minutes where nothing answers (a wrong endpoint, off OCI for an
+    instance principal), with nothing on the screen meanwhile.
     """
     return oci.retry.RetryStrategyBuilder(
-        max_attempts_check=True, max_attempts=5,
-        total_elapsed_time_check=True, total_elapsed_time_seconds=IDENTITY_RETRY_SECONDS,
+        max_attempts_check=True, max_attempts=RETRY_ATTEMPTS,
+        total_elapsed_time_check=True, total_elapsed_time_seconds=RETRY_SECONDS,
         service_error_check=True,
     ).get_retry_strategy()
+
 
 
 @dataclass(frozen=True)
@@ -87,8 +92,8 @@ def build_auth(settings: DeploySettings) -> OciAuth:
             signer = oci.auth.signers.get_resource_principals_signer()
         else:
             signer = oci.auth.signers.InstancePrincipalsSecurityTokenSigner(
-                federation_endpoint=settings.federation_endpoint, retry_strategy=identity_retry_strategy(),
-                federation_client_retry_strategy=identity_retry_strategy())
+                federation_endpoint=settings.federation_endpoint, retry_strategy=bounded_retry_strategy(),
+                federation_client_retry_strategy=bounded_retry_strategy())
         return OciAuth(config={"region": settings.region or signer.region}, signer=signer)
     except ConfigError:
         raise
@@ -98,12 +103,14 @@ def build_auth(settings: DeploySettings) -> OciAuth:
 
 def data_science_client(auth: OciAuth, settings: DeploySettings) -> oci.data_science.DataScienceClient:
     """The Data Science control-plane client."""
-    return oci.data_science.DataScienceClient(auth.config, **auth.client_kwargs(settings.data_science_endpoint))
+    return oci.data_science.DataScienceClient(auth.config, **auth.client_kwargs(
+        settings.data_science_endpoint, retry_strategy=bounded_retry_strategy(), timeout=CONTROL_PLANE_TIMEOUT))
 
 
 def object_storage_client(auth: OciAuth, settings: DeploySettings) -> oci.object_storage.ObjectStorageClient:
     """The Object Storage client (large artifacts, image downloads)."""
-    return oci.object_storage.ObjectStorageClient(auth.config, **auth.client_kwargs(settings.object_storage_endpoint))
+    return oci.object_storage.ObjectStorageClient(auth.config, **auth.client_kwargs(
+        settings.object_storage_endpoint, retry_strategy=bounded_retry_strategy(), timeout=CONTROL_PLANE_TIMEOUT))
 
 
 def predict_client(auth: OciAuth, endpoint: str) -> oci.model_deployment.ModelDeploymentClient:

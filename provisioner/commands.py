@@ -75,13 +75,14 @@ def _artifact_for_register(settings: DeploySettings, artifact_path: Path | None)
 def register(settings: DeploySettings, artifact_path: Path | None = None) -> str:
     """Create the model catalog entry and upload the artifact; returns the model OCID."""
     require(settings, "compartment_id", "project_id")
+    connection = None if settings.dry_run else _connect(settings)  # credentials checked before packaging
     artifact = _artifact_for_register(settings, artifact_path)
     model_details = build.build_model_details(settings, artifact, build.read_project_version(settings.project_file))
-    if settings.dry_run:
+    if connection is None:
         _dry_run_output([{"operation": "create_model", "body": build.request_json(model_details)},
                          *_artifact_upload_plan(settings, artifact, FROM_CREATE_MODEL)])
         return FROM_CREATE_MODEL
-    auth, client = _connect(settings)
+    auth, client = connection
     return _send_register(settings, auth, client, artifact, model_details)
 
 
@@ -136,15 +137,16 @@ def up(settings: DeploySettings) -> None:
     """package + register + deploy, with every input checked before the first call."""
     require(settings, "compartment_id", "project_id", "image")
     _validated_deployment_details(settings, FROM_CREATE_MODEL)
+    connection = None if settings.dry_run else _connect(settings)  # credentials checked before packaging
     artifact = package(settings, as_result=False)
     model_details = build.build_model_details(settings, artifact, build.read_project_version(settings.project_file))
-    if settings.dry_run:
+    if connection is None:
         deployment_details = build.build_deployment_details(settings, FROM_CREATE_MODEL)
         _dry_run_output([{"operation": "create_model", "body": build.request_json(model_details)},
                          *_artifact_upload_plan(settings, artifact, FROM_CREATE_MODEL),
                          {"operation": "create_model_deployment", "body": build.request_json(deployment_details)}])
         return
-    auth, client = _connect(settings)
+    auth, client = connection
     model_id = _send_register(settings, auth, client, artifact, model_details)
     _send_deploy(settings, client, model_id)
 

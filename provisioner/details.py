@@ -14,9 +14,9 @@ from oci import util as oci_util
 from oci.data_science import models as ds
 
 from provisioner.artifact import ArtifactInfo
-from provisioner.settings import ConfigError, DeploySettings
+from provisioner.settings import ConfigError, DeploySettings, how_to_set
 
-SERVICE_PORT = 8080  # the container listens here for /predict and /health (design.md §2)
+SERVICE_PORT = 8080  # the container listens here for /predict and /health (docs/architecture.md)
 MAX_ENVIRONMENT_BYTES = 2048
 MAX_PREDICT_BODY_BYTES = 10 * 1024 * 1024
 # Set by the platform inside the container; a deployment may not override them.
@@ -71,9 +71,10 @@ def check_artifact_upload(settings: DeploySettings, artifact: ArtifactInfo, regi
         return
     if not settings.artifact_bucket:
         raise ConfigError(f"the artifact is {artifact.size} bytes, at least large_artifact_threshold "
-                          f"({settings.large_artifact_threshold}); set artifact_bucket to upload it through a bucket")
+                          f"({settings.large_artifact_threshold}); set artifact_bucket to upload it through a bucket "
+                          f"({how_to_set('artifact_bucket')})")
     if not region:
-        raise ConfigError("the region of the artifact bucket is unknown; set region")
+        raise ConfigError(f"the region of the artifact bucket is unknown; set region ({how_to_set('region')})")
 
 
 def artifact_object_name(settings: DeploySettings, artifact: ArtifactInfo) -> str:
@@ -185,7 +186,8 @@ def build_log_details(settings: DeploySettings) -> ds.CategoryLogDetails | None:
     logs = {"access": settings.access_log_id, "predict": settings.predict_log_id}
     if not settings.log_group_id:
         if any(logs.values()):
-            raise ConfigError("access_log_id/predict_log_id need log_group_id, the log group they are in")
+            raise ConfigError("access_log_id/predict_log_id need log_group_id, the log group they are in "
+                              f"({how_to_set('log_group_id')})")
         return None
     if not any(logs.values()):
         raise ConfigError("log_group_id is set but neither access_log_id nor predict_log_id")

@@ -19,7 +19,7 @@ from provisioner import clients
 from provisioner import details as build
 from provisioner.artifact import ArtifactInfo
 from provisioner.console import OperationFailed, StatusLine, byte_progress, info, warn
-from provisioner.settings import ConfigError, DeploySettings
+from provisioner.settings import ConfigError, DeploySettings, how_to_set
 
 MODEL_OCID_PREFIX = "ocid1.datasciencemodel."
 DEPLOYMENT_OCID_PREFIX = "ocid1.datasciencemodeldeployment."
@@ -35,7 +35,8 @@ def resolve_model_id(client: oci.data_science.DataScienceClient, compartment_id:
     if ref.startswith(MODEL_OCID_PREFIX):
         return ref
     if not compartment_id:
-        raise ConfigError(f"finding model {ref!r} by name needs compartment_id")
+        raise ConfigError(f"finding model {ref!r} by name needs compartment_id ({how_to_set('compartment_id')}); "
+                          "or give the model's OCID")
     models = list_call_get_all_results(client.list_models, compartment_id, display_name=ref,
                                        lifecycle_state="ACTIVE").data
     if not models:
@@ -52,7 +53,8 @@ def resolve_deployment(client: oci.data_science.DataScienceClient, compartment_i
     if ref.startswith(DEPLOYMENT_OCID_PREFIX):
         return client.get_model_deployment(ref).data
     if not compartment_id:
-        raise ConfigError(f"finding deployment {ref!r} by name needs compartment_id")
+        raise ConfigError(f"finding deployment {ref!r} by name needs compartment_id "
+                          f"({how_to_set('compartment_id')}); or give the deployment's OCID")
     found = list_call_get_all_results(client.list_model_deployments, compartment_id, display_name=ref).data
     live = [md for md in found if md.lifecycle_state != "DELETED"]
     if not live:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -12,6 +13,8 @@ from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 ENV_PREFIX = "SD3_DEPLOY_"
+# What deploy.example.toml marks as "fill in": `<unique_id>`, `<region-key>`, `<namespace>`, ...
+PLACEHOLDER = re.compile(r"<[A-Za-z][\w -]*>")
 AUTH_MODES = ("api_key", "security_token", "resource_principal", "instance_principal")
 
 
@@ -233,13 +236,33 @@ def resolve_settings(
     settings = DeploySettings(**values)
     if settings.auth not in AUTH_MODES:
         raise ConfigError(f"auth {settings.auth!r} is not one of {', '.join(AUTH_MODES)}")
+    refuse_placeholders(settings)
     return settings
+
+
+def how_to_set(key: str) -> str:
+    """Where setting `key` can be given: its flag, its env var and its deploy.toml key."""
+    return f"--{key.replace('_', '-')}, env {env_names(key)[0]} or deploy.toml `{key}`"
+
+
+def refuse_placeholders(settings: DeploySettings) -> None:
+    """Fail, naming each one, when a setting still holds a `<placeholder>` of deploy.example.toml."""
+    lines = []
+    for f in dataclasses.fields(DeploySettings):
+        value = getattr(settings, f.name)
+        if f.name == "environment":
+            lines += [f"  [environment] {name} = {text!r}: set it in deploy.toml's [environment] table or with "
+                      f"--env {name}=VALUE" for name, text in value.items() if PLACEHOLDER.search(text)]
+        elif isinstance(value, str) and PLACEHOLDER.search(value):
+            lines.append(f"  {f.name} = {value!r}: set it with {how_to_set(f.name)}")
+    if lines:
+        raise ConfigError("these settings still hold placeholders from deploy.example.toml; replace each "
+                          "<...> with your own value:\n" + "\n".join(lines))
 
 
 def require(settings: DeploySettings, *keys: str) -> None:
     """Fail with one message naming every missing setting and how to give it."""
     missing = [key for key in keys if getattr(settings, key) in (None, "")]
     if missing:
-        lines = [f"  {key}: --{key.replace('_', '-')}, env {env_names(key)[0]} or deploy.toml `{key}`"
-                 for key in missing]
+        lines = [f"  {key}: {how_to_set(key)}" for key in missing]
         raise ConfigError("missing setting(s):\n" + "\n".join(lines))

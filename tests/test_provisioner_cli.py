@@ -5,6 +5,7 @@ and record what arrives."""
 from __future__ import annotations
 
 import base64
+import dataclasses
 import hashlib
 import json
 import os
@@ -560,3 +561,43 @@ def test_top_level_help_lists_every_command(cloud):
     result = ok(cloud.run("--help"))
     for command in ("package", "register", "deploy", "up", "status", "update", "delete", "predict"):
         assert f"\n    {command} " in result.stdout
+
+
+# --- refusing early ----------------------------------------------------------------------------
+
+def test_up_with_the_untouched_example_config_packages_nothing_and_names_the_placeholders(cloud):
+    (cloud.workdir / "deploy.toml").write_text((REPO / "deploy.example.toml").read_text())
+    env = {"SD3_DEPLOY_COMPARTMENT_ID": "", "SD3_DEPLOY_PROJECT_ID": ""}  # as on an operator's machine
+    for args in (("up", "--dry-run"), ("up",)):
+        result = cloud.run(*args, env=env)
+        assert result.returncode == 2, result.stderr
+        assert "placeholders from deploy.example.toml" in result.stderr and "<unique_id>" in result.stderr
+        assert "--compartment-id, env SD3_DEPLOY_COMPARTMENT_ID or deploy.toml `compartment_id`" in result.stderr
+    assert not (cloud.workdir / "build").exists(), "packaged before the settings were checked"
+    assert cloud.requests() == []
+
+
+def test_up_without_an_oci_config_says_so_before_packaging(cloud):
+    missing = cloud.workdir / "no-such-config"
+    result = cloud.run("up", "--image", IMAGE, "--config-file", str(missing),
+                       credentials=dataclasses.replace(cloud.credentials, config_file=None))
+    assert result.returncode == 2, result.stderr
+    assert str(missing) in result.stderr
+    assert "packaging" not in result.stderr and not (cloud.workdir / "build").exists()
+    assert cloud.requests() == []
+
+
+def test_a_failing_endpoint_is_retried_a_bounded_number_of_times_and_named(cloud):
+    cloud.data_science.outage(503)
+    result = cloud.run("status", "ocid1.datasciencemodeldeployment.oc1.iad.aaaadeployment")
+    assert result.returncode == 1
+    assert result.stderr.startswith("OCI error: 503"), result.stderr
+    # The SDK's default retries for minutes (8 attempts with long backoffs); ours stop at 5 attempts or 15 s.
+    assert 2 <= len(cloud.data_science.seen("GET")) <= clients.RETRY_ATTEMPTS
+
+
+def test_status_by_name_without_a_compartment_says_how_to_give_it(cloud):
+    result = cloud.run("status", "sd3-medium", env={"SD3_DEPLOY_COMPARTMENT_ID": ""})
+    assert result.returncode == 2
+    assert "needs compartment_id (--compartment-id, env SD3_DEPLOY_COMPARTMENT_ID or deploy.toml " \
+           "`compartment_id`)" in result.stderr

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import json
 import shlex
 from pathlib import Path
@@ -294,10 +296,36 @@ def test_predict_body_from_prompt_flags_and_json():
         build.build_predict_body(None, "{", {})
 
 
-def test_the_example_config_is_valid_and_builds_a_deployment():
+def test_the_example_config_is_valid_and_builds_a_deployment(tmp_path):
     example = Path(__file__).parent.parent / "deploy.example.toml"
-    resolved = resolve_settings({}, {}, example, config_required=True)
+    filled = tmp_path / "deploy.toml"  # what an operator makes of it: every <placeholder> replaced
+    filled.write_text(re.sub(r"<[A-Za-z][\w -]*>", "filled", example.read_text()))
+    resolved = resolve_settings({}, {}, filled, config_required=True)
     assert (resolved.shape, resolved.instance_count, resolved.auth) == ("VM.GPU.A10.1", 1, "api_key")
     assert set(resolved.environment) == {"BUCKET_NAME", "NAMESPACE", "OBJECT_PREFIX"}
     built = build.build_deployment_details(resolved, MODEL_ID)
     assert built.model_deployment_configuration_details.environment_configuration_details.image == resolved.image
+
+
+def test_the_untouched_example_config_is_refused_naming_each_placeholder_and_where_to_set_it():
+    example = Path(__file__).parent.parent / "deploy.example.toml"
+    with pytest.raises(ConfigError) as refused:
+        resolve_settings({}, {}, example, config_required=True)
+    message = str(refused.value)
+    assert "placeholders from deploy.example.toml" in message
+    for line in ("compartment_id = 'ocid1.compartment.oc1..<unique_id>': set it with --compartment-id, "
+                 "env SD3_DEPLOY_COMPARTMENT_ID or deploy.toml `compartment_id`",
+                 "project_id = 'ocid1.datascienceproject.oc1.<region>.<unique_id>'",
+                 "image = '<region-key>.ocir.io/<namespace>/sd3-medium:0.1.0'",
+                 "[environment] NAMESPACE = '<namespace>': set it in deploy.toml's [environment] table or with "
+                 "--env NAMESPACE=VALUE"):
+        assert line in message, message
+    # A flag that replaces one placeholder takes it off the list.
+    with pytest.raises(ConfigError) as refused:
+        resolve_settings({"image": "iad.ocir.io/tenancy/sd3-medium:0.1.0"}, {}, example, config_required=True)
+    assert "image =" not in str(refused.value) and "compartment_id =" in str(refused.value)
+
+
+def test_comparisons_in_autoscaling_queries_are_not_placeholders():
+    resolved = resolve_settings({"autoscale_scale_in_query": "PredictRequestCount[1m].sum() < 2 and x > 1"}, {}, None)
+    assert resolved.autoscale_scale_in_query.endswith("x > 1")

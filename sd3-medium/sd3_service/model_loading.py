@@ -34,7 +34,7 @@ class LoadedPipeline:
 
 
 def resolve_model_source(setting: str, artifact_dir: Path, cuda_available: bool) -> ModelSource:
-    """Turn `SD3_MODEL` into what to load (design.md §3: `auto` prefers the artifact's own weights)."""
+    """Turn `SD3_MODEL` into what to load (`auto` prefers the artifact's own weights)."""
     if setting == TINY:
         return ModelSource(TINY, "tiny", "SD3_MODEL=tiny")
     if setting != "auto":
