@@ -71,11 +71,11 @@ CANDIDATES = {
 
 def tiny_model_image(size: int) -> Image.Image:
     from sd3_service.contract import PredictRequest
-    from sd3_service.generation import generate_images
+    from sd3_service.generation import generate_images, generation_arguments
     from sd3_service.tiny_model import build_tiny_pipeline
 
     request = PredictRequest(prompt="a lighthouse at dusk", width=size, height=size, num_inference_steps=4, seed=7)
-    return generate_images(build_tiny_pipeline(), request, 7, "cpu")[0]
+    return generate_images(build_tiny_pipeline(), seed=7, **generation_arguments(request))[0]
 
 
 def photo_image(size: int) -> Image.Image:

@@ -245,13 +245,13 @@ class InProcess:
 
     def generate(self, payload: dict):
         from sd3_service.contract import PredictRequest
-        from sd3_service.generation import generate_images
+        from sd3_service.generation import generate_images, generation_arguments
 
         request = PredictRequest(**{k: v for k, v in payload.items() if k != "request_id"})
 
         def timed():
             began = time.perf_counter()
-            images = generate_images(self.pipe, request, payload["seed"], "cpu")
+            images = generate_images(self.pipe, seed=payload["seed"], **generation_arguments(request))
             return time.perf_counter() - began, images
 
         return self.thread.submit(timed).result()

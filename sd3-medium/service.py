@@ -1,7 +1,8 @@
 """SD3 Medium text-to-image, served by BentoML: `POST /predict`, `GET /health`, `POST /txt2img`.
 
-This file is routing only; the work happens in `engine.py` (queue, GPU thread, idempotency),
-`generation.py` (pipeline call, encoding), `model_loading.py` and the stores.
+This file is routing and wiring only: the engine (`sd3_service/engine.py`) takes a request through the
+device pool, the answer book and the image writer; here its states become HTTP statuses.
+docs/architecture.md describes the pieces.
 """
 
 from __future__ import annotations
@@ -13,14 +14,15 @@ import bentoml
 from fastapi import FastAPI
 from starlette.responses import JSONResponse, Response
 
-from sd3_service.engine import Engine, NotReady, QueueFull
-from sd3_service.http_errors import RequestGuard, error_response
-from sd3_service.model_loading import load_pipeline
-from sd3_service.openapi import ApiDocuments, api_document
+from sd3_service.answers import AnswerBook
 from sd3_service.contract import ImageParameters, PredictRequest, PredictResponse
+from sd3_service.device_pool import DevicePool, NotReady, QueueFull
+from sd3_service.engine import Engine
+from sd3_service.http_errors import RequestGuard, error_response
+from sd3_service.image_writer import ImageWriter
+from sd3_service.model_loading import load_weights, place_pipeline, resolve_devices
+from sd3_service.openapi import ApiDocuments, api_document
 from sd3_service.settings import Settings
-from sd3_service.spool import Spool, SpoolingStore
-from sd3_service.store import build_store
 
 SETTINGS = Settings()  # read once at start-up; routes depend on it
 log = logging.getLogger("sd3")
@@ -37,9 +39,25 @@ HEALTH_ROUTE = SETTINGS.model_deploy_health_endpoint
 routes = FastAPI(title="health", docs_url=None, redoc_url=None, openapi_url=None)
 
 
+def find_devices(settings: Settings) -> list[str]:
+    import torch  # slow to import: the pool calls this on its loading thread, once the server answers
+
+    return resolve_devices(settings.sd3_device, torch.cuda.device_count())
+
+
+def build_engine(settings: Settings) -> Engine:
+    """The engine as the settings describe it: devices, model, store."""
+    pool = DevicePool(find_devices=lambda: find_devices(settings),
+                      load_weights=lambda devices: load_weights(settings, devices),
+                      place=lambda weights, device, copy: place_pipeline(weights, device, settings, copy),
+                      max_queue=settings.max_queue)
+    return Engine(pool, ImageWriter.from_settings(settings), AnswerBook(settings.idempotency_cache_size))
+
+
 @bentoml.service(
     name="sd3-medium",
     traffic={"timeout": 300},  # our own queue bound answers 429 long before this
+    # Every GPU of the shape is visible to this one worker process; the device pool uses them all.
     resources={"gpu": 1},
     # Loopback unless told otherwise (`--host 0.0.0.0`, as the container does): a laptop's server stays private.
     http={"host": "127.0.0.1", "port": 3000},
@@ -47,28 +65,17 @@ routes = FastAPI(title="health", docs_url=None, redoc_url=None, openapi_url=None
 @bentoml.asgi_app(routes, path="/")
 class SD3Medium:
     def __init__(self) -> None:
-        # Images the store cannot take wait in the spool and are uploaded later, under the same names.
-        store = SpoolingStore(build_store(SETTINGS), Spool(SETTINGS.spool_dir))
-        self.engine = Engine(
-            load=lambda: load_pipeline(SETTINGS),
-            store=store,
-            object_prefix=SETTINGS.object_prefix,
-            max_queue=SETTINGS.max_queue,
-            cache_size=SETTINGS.idempotency_cache_size,
-            on_store_failure=store.keep,
-            stored_later=store.stored_later,
-            store_params=SETTINGS.store_params,
-        )
-        log.info("Images go to %s; predict on %s, health on %s", self.engine.store.describe(), PREDICT_ROUTE,
-                 HEALTH_ROUTE)
-        store.start()
+        self.engine = build_engine(SETTINGS)
+        log.info("Images go to %s; devices %s; predict on %s, health on %s", self.engine.writer.describe(),
+                 SETTINGS.sd3_device, PREDICT_ROUTE, HEALTH_ROUTE)
         self.engine.start()
 
     @routes.get(HEALTH_ROUTE)
     def health(self) -> JSONResponse:
-        status, body = self.engine.health()
-        headers = {"Retry-After": "10"} if status == 503 else None
-        return JSONResponse(body, status_code=status, headers=headers)
+        health = self.engine.health()
+        if health.status == "ready":
+            return JSONResponse(health.details)
+        return JSONResponse(health.details, status_code=503, headers={"Retry-After": "10"})
 
     @bentoml.api(route=PREDICT_ROUTE, input_spec=PredictRequest, output_spec=PredictResponse)
     async def predict(self, **fields) -> PredictResponse:

@@ -1,18 +1,23 @@
-"""The engine without a server: ordering, overlap of GPU and storage, idempotency, queue bound, failures."""
+"""The engine without a server: the device pool, overlap of generation and storage, repeats, the queue bound,
+failures."""
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import hashlib
 import threading
-import time
 
 import pytest
 
+from sd3_service.answers import AnswerBook
 from sd3_service.contract import PredictRequest
-from sd3_service.engine import Engine, NotReady, QueueFull
-from sd3_service.model_loading import LoadedPipeline, ModelSource
+from sd3_service.device_pool import DevicePool, NotReady, QueueFull
+from sd3_service.engine import Engine
+from sd3_service.image_writer import ImageWriter
+from sd3_service.model_loading import LoadedWeights, ModelSource, place_pipeline
+from sd3_service.settings import Settings
 from sd3_service.spool import Spool, SpoolingStore
 from sd3_service.store import LocalFolderStore, StoreError
 from sd3_service.tiny_model import build_tiny_pipeline
@@ -21,15 +26,28 @@ SMALL = dict(width=256, height=256, num_inference_steps=2)
 
 
 @pytest.fixture(scope="module")
-def tiny() -> LoadedPipeline:
-    return LoadedPipeline(pipe=build_tiny_pipeline(), source=ModelSource("tiny", "tiny", "test"),
-                          device="cpu", dtype="float32")
+def tiny():
+    return build_tiny_pipeline()
+
+
+class Pipe:
+    """The real tiny pipeline, with its calls recorded; `gate` (when set) holds each call until it opens."""
+
+    def __init__(self, pipe, calls: list, gate: threading.Barrier | None = None):
+        self.pipe, self.calls, self.gate = pipe, calls, gate
+
+    def __call__(self, **kwargs):
+        if kwargs["prompt"] != "warm-up":
+            self.calls.append(kwargs["prompt"])
+            if self.gate is not None:
+                self.gate.wait(30)  # every device must be inside a generation at once to pass
+        return self.pipe(**kwargs)
 
 
 class GatedStore(LocalFolderStore):
     """A real local store whose writes for one request wait until the test opens a gate.
 
-    Stands in for a slow Object Storage upload, to show the GPU is not held while storing.
+    Stands in for a slow Object Storage upload, to show the devices are not held while storing.
     """
 
     def __init__(self, root, gated_request: str):
@@ -46,16 +64,34 @@ class GatedStore(LocalFolderStore):
         return super().put(image)
 
 
-def ready_engine(tiny, store, **kwargs) -> Engine:
-    engine = Engine(load=lambda: tiny, store=store, **kwargs)
-    engine.start().join(60)
-    assert engine.status == "ready", engine.error
+def make_engine(tiny, store, tmp_path, devices=("cpu",), max_queue=4, calls=None, gate=None,
+                store_params=False) -> Engine:
+    """An engine on the real pool and writer, with the production placement of the tiny pipeline on each device."""
+    source = ModelSource("tiny", "tiny", "test")
+    settings = Settings(sd3_model="tiny")
+
+    def place(weights, device, copy):
+        placed = place_pipeline(weights, device, settings, copy=True)  # the module's pipeline stays as it is
+        return dataclasses.replace(placed, pipe=Pipe(placed.pipe, calls if calls is not None else [], gate))
+
+    pool = DevicePool(lambda: list(devices), lambda names: LoadedWeights(pipe=tiny, source=source, dtype="float32"),
+                      place, max_queue=max_queue)
+    writer = ImageWriter(SpoolingStore(store, Spool(tmp_path / "spool")), store_params=store_params)
+    return Engine(pool, writer, AnswerBook())
+
+
+def ready(engine: Engine) -> Engine:
+    engine.pool.start().join(60)
+    for worker in engine.pool._workers:  # each device warms up on its own thread
+        while engine.pool.status() == "loading" and worker.is_alive():
+            worker.join(0.05)
+    assert engine.pool.status() != "loading"
     return engine
 
 
 def test_the_next_generation_runs_while_the_previous_images_are_still_being_stored(tiny, tmp_path):
     store = GatedStore(tmp_path, gated_request="slow-store")
-    engine = ready_engine(tiny, store)
+    engine = ready(make_engine(tiny, store, tmp_path))
 
     async def scenario():
         first = asyncio.ensure_future(engine.run(PredictRequest(prompt="a", request_id="slow-store", **SMALL)))
@@ -69,52 +105,77 @@ def test_the_next_generation_runs_while_the_previous_images_are_still_being_stor
     engine.shutdown()
 
 
+def test_every_device_generates_at_once_from_the_one_queue(tiny, tmp_path):
+    calls = []
+    both_inside = threading.Barrier(2)  # passes only when two generations run at the same time
+    engine = ready(make_engine(tiny, LocalFolderStore(tmp_path), tmp_path, devices=("cpu", "cpu"), calls=calls,
+                               gate=both_inside))
+
+    async def scenario():
+        return await asyncio.gather(*(engine.run(PredictRequest(prompt=p, **SMALL)) for p in "ab"))
+
+    answers = asyncio.run(scenario())
+    assert sorted(calls) == ["a", "b"] and not both_inside.broken
+    assert all(answer.response.images[0].stored for answer in answers)
+    assert [d["state"] for d in engine.health().details["devices"]] == ["ready", "ready"]
+    engine.shutdown()
+
+
+def test_a_device_that_fails_to_load_leaves_the_others_serving(tiny, tmp_path):
+    # No GPU here: placing on cuda:7 fails for real, as a broken or missing GPU would.
+    engine = ready(make_engine(tiny, LocalFolderStore(tmp_path), tmp_path, devices=("cpu", "cuda:7")))
+    health = engine.health()
+    assert health.status == "ready"
+    cpu, gpu = health.details["devices"]
+    assert cpu == {"device": "cpu", "state": "ready"}
+    assert gpu["device"] == "cuda:7" and gpu["state"] == "failed" and gpu["error"]
+    assert asyncio.run(engine.run(PredictRequest(prompt="a", **SMALL))).response.images[0].stored
+    engine.shutdown()
+
+
 def test_a_repeated_request_id_is_generated_once(tiny, tmp_path):
-    engine = ready_engine(tiny, LocalFolderStore(tmp_path))
-    generated = []
-    original = engine._generate
-
-    async def counting(request, request_id):
-        generated.append(request_id)
-        return await original(request, request_id)
-
-    engine._generate = counting  # count calls, then run the real method
+    calls = []
+    engine = ready(make_engine(tiny, LocalFolderStore(tmp_path), tmp_path, devices=("cpu", "cpu"), calls=calls))
 
     async def scenario():
         request = PredictRequest(prompt="a", request_id="same", **SMALL)
         return await asyncio.gather(engine.run(request), engine.run(request), engine.run(request))
 
     answers = asyncio.run(scenario())
-    assert generated == ["same"]
+    assert calls == ["a"]
     assert answers[0].response == answers[1].response == answers[2].response
     engine.shutdown()
 
 
-def test_beyond_the_queue_bound_requests_get_queue_full_with_a_retry_estimate(tiny, tmp_path):
-    engine = ready_engine(tiny, LocalFolderStore(tmp_path), max_queue=1)
+@pytest.mark.parametrize("devices", [("cpu",), ("cpu", "cpu")])
+def test_beyond_the_queue_bound_requests_get_queue_full_with_a_retry_estimate(tiny, tmp_path, devices):
+    engine = ready(make_engine(tiny, LocalFolderStore(tmp_path), tmp_path, devices=devices, max_queue=1))
+    capacity = len(devices) + 1  # one running on each device, one waiting
 
     async def scenario():
-        running = [asyncio.ensure_future(engine.run(PredictRequest(prompt=str(i), **SMALL))) for i in range(2)]
-        await asyncio.sleep(0)  # both admitted: one generating, one waiting
+        running = [asyncio.ensure_future(engine.run(PredictRequest(prompt=str(i), **SMALL)))
+                   for i in range(capacity)]
+        await asyncio.sleep(0)  # all admitted
         with pytest.raises(QueueFull) as refused:
-            await engine.run(PredictRequest(prompt="third", **SMALL))
+            await engine.run(PredictRequest(prompt="one too many", **SMALL))
         assert refused.value.retry_after >= 1
         await asyncio.gather(*running)
         return await engine.run(PredictRequest(prompt="after", **SMALL))  # room again
 
     assert asyncio.run(scenario()).response.images
+    assert engine.pool._admitted == 0
     engine.shutdown()
 
 
-def test_a_failed_store_answers_the_image_inline_and_hands_it_over_for_later(tiny, tmp_path):
-    store = GatedStore(tmp_path, gated_request="never-gated")
+def test_a_failed_store_answers_the_image_inline_and_keeps_it_for_later(tiny, tmp_path):
+    store = GatedStore(tmp_path / "images", gated_request="never-gated")
     store.fail = True
-    kept = []
-    engine = ready_engine(tiny, store, on_store_failure=kept.append)
+    engine = ready(make_engine(tiny, store, tmp_path))
     answer = asyncio.run(engine.run(PredictRequest(prompt="a", **SMALL))).response
     [image] = answer.images
-    assert image.stored is False and image.data
-    assert [k.name for k in kept] == [image.object_name]
+    assert image.stored is False and hashlib.sha256(base64.b64decode(image.data)).hexdigest() == image.sha256
+    [kept] = engine.writer.store.spool.pending()
+    assert engine.writer.store.spool.load(kept).image.name == image.object_name
     assert image.uri == store.location(image.object_name).uri
     engine.shutdown()
 
@@ -122,22 +183,15 @@ def test_a_failed_store_answers_the_image_inline_and_hands_it_over_for_later(tin
 def test_a_repeated_request_id_answers_images_the_spool_stored_since_as_stored(tiny, tmp_path):
     folder = GatedStore(tmp_path / "images", gated_request="never-gated")
     folder.fail = True
-    spooling = SpoolingStore(folder, Spool(tmp_path / "spool"))
     calls = []
-
-    def counting_pipe(**kwargs):  # the real pipeline, with its calls counted
-        calls.append(kwargs["prompt"])
-        return tiny.pipe(**kwargs)
-
-    engine = ready_engine(tiny, spooling, on_store_failure=spooling.keep, stored_later=spooling.stored_later)
-    engine.loaded = LoadedPipeline(pipe=counting_pipe, source=tiny.source, device="cpu", dtype="float32")
+    engine = ready(make_engine(tiny, folder, tmp_path, calls=calls))
     request = PredictRequest(prompt="a", request_id="outage-1", **SMALL)
     [first] = asyncio.run(engine.run(request)).response.images
     assert first.stored is False and first.data
     assert asyncio.run(engine.run(request)).response.images == [first]  # still waiting in the spool
 
     folder.fail = False
-    assert spooling.upload_pending()
+    assert engine.writer.store.upload_pending()
 
     [again] = asyncio.run(engine.run(request)).response.images
     assert again.stored is True and again.data is None
@@ -152,57 +206,56 @@ def test_a_store_that_raises_something_unexpected_still_loses_no_image(tiny, tmp
         def put(self, image):
             raise KeyError("token")  # not a StoreError: a bug, or an SDK error the store did not expect
 
-    kept = []
-    engine = ready_engine(tiny, BuggyStore(tmp_path), on_store_failure=kept.append, store_params=True)
+    engine = ready(make_engine(tiny, BuggyStore(tmp_path / "images"), tmp_path, store_params=True))
     [image] = asyncio.run(engine.run(PredictRequest(prompt="a", **SMALL))).response.images
     assert image.stored is False and hashlib.sha256(base64.b64decode(image.data)).hexdigest() == image.sha256
-    assert [k.name for k in kept] == [image.object_name, image.object_name.rsplit("-", 1)[0] + ".json"]
+    spool = engine.writer.store.spool
+    assert sorted(spool.load(path).image.name for path in spool.pending()) == \
+        sorted([image.object_name, image.object_name.rsplit("-", 1)[0] + ".json"])
     engine.shutdown()
 
 
-def test_requests_before_ready_and_after_a_failed_load_are_refused(tiny, tmp_path):
+def test_requests_before_ready_and_after_a_failed_load_are_refused(tmp_path):
     gate = threading.Event()
 
-    def slow_then_broken():
+    def slow_then_broken(devices):
         gate.wait(30)
         raise OSError("no model_index.json in /models/x")
 
-    engine = Engine(load=slow_then_broken, store=LocalFolderStore(tmp_path))
-    loader = engine.start()
-    assert engine.health() == (503, {"status": "loading"})
+    pool = DevicePool(lambda: ["cpu"], slow_then_broken, place=None)
+    engine = Engine(pool, ImageWriter(SpoolingStore(LocalFolderStore(tmp_path), Spool(tmp_path / "spool"))),
+                    AnswerBook())
+    loader = pool.start()
+    assert engine.health().status == "loading"
     with pytest.raises(NotReady):
         asyncio.run(engine.run(PredictRequest(prompt="a")))
     gate.set()
     loader.join(30)
-    status, body = engine.health()
-    assert status == 503 and body["status"] == "failed" and "model_index.json" in body["error"]
+    health = engine.health()
+    assert health.status == "failed" and "model_index.json" in health.details["error"]
+    assert health.details["devices"] == [{"device": "cpu", "state": "failed",
+                                          "error": "OSError: no model_index.json in /models/x"}]
     with pytest.raises(NotReady, match="model_index.json"):
         asyncio.run(engine.run(PredictRequest(prompt="a")))
 
 
 def test_a_caller_that_goes_away_loses_nothing_and_its_retry_gets_the_first_answer(tiny, tmp_path):
     calls = []
-
-    def counting_pipe(**kwargs):  # the real pipeline, with its calls counted
-        calls.append(kwargs["prompt"])
-        return tiny.pipe(**kwargs)
-
-    engine = ready_engine(tiny, LocalFolderStore(tmp_path))
-    engine.loaded = LoadedPipeline(pipe=counting_pipe, source=tiny.source, device="cpu", dtype="float32")
+    engine = ready(make_engine(tiny, LocalFolderStore(tmp_path), tmp_path, calls=calls))
     request = PredictRequest(prompt="a", request_id="timed-out", **SMALL)
 
     async def scenario():
         caller = asyncio.ensure_future(engine.run(request))
-        await asyncio.sleep(0.05)  # generating now
+        while not calls:  # generating now
+            await asyncio.sleep(0.01)
         caller.cancel()  # what a client or load-balancer timeout does to the request
         with pytest.raises(asyncio.CancelledError):
             await caller
-        retried = await asyncio.wait_for(engine.run(request), 60)  # waits for the same work, no new generation
-        return retried
+        return await asyncio.wait_for(engine.run(request), 60)  # waits for the same work, no new generation
 
     answer = asyncio.run(scenario()).response
     [image] = answer.images
     assert image.stored and (tmp_path / image.object_name).is_file()
-    assert engine._admitted == 0
+    assert engine.pool._admitted == 0
     assert calls == ["a"]  # generated once: the retry got the work the first caller started
     engine.shutdown()

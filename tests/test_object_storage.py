@@ -228,7 +228,9 @@ def test_retries_end_within_the_budget_when_the_outage_lasts(fake, rp, outage):
         store.put(image())
     took = time.monotonic() - began
 
-    assert took < budget + 0.5, took
+    # The store gives up by its own budget (4 s); the SDK's default retries would go on for minutes. The bound
+    # sits far from both, so a loaded machine cannot miss it; how close to 4 s it ends is not asserted.
+    assert took < 5 * budget, took
     assert len(fake.seen("PUT")) >= 2, "a transient failure is retried at least once"
     expected = "503 ServiceUnavailable" if outage == "503" else "cannot reach Object Storage"
     assert expected in str(failure.value)

@@ -1,4 +1,4 @@
-"""SD3_T5, SD3_FUSE_QKV, SD3_COMPILE and SD3_OFFLOAD, applied by model_loading.load_pipeline to the tiny model."""
+"""SD3_T5, SD3_FUSE_QKV, SD3_COMPILE and SD3_OFFLOAD, applied by model_loading to the tiny model."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from sd3_service.contract import PredictRequest
-from sd3_service.generation import generate_images
+from sd3_service.generation import generate_images, generation_arguments
 from sd3_service.model_loading import load_pipeline
 from sd3_service.settings import Settings
 
@@ -20,7 +20,7 @@ def load(**options):
 
 
 def pixels(loaded) -> np.ndarray:
-    [image] = generate_images(loaded.pipe, REQUEST, 11, loaded.device)
+    [image] = generate_images(loaded.pipe, seed=11, **generation_arguments(REQUEST))
     assert image.size == (256, 256)
     return np.asarray(image).astype(int)
 
@@ -74,5 +74,5 @@ def test_offload_without_a_gpu_fails_loudly():
 @pytest.mark.parametrize("options", [{"sd3_offload": True}, {"sd3_compile": True}, {"sd3_fuse_qkv": True, "sd3_compile": True}])
 def test_gpu_options_generate(options):
     loaded = load_pipeline(Settings(sd3_model="tiny", sd3_device="cuda", **options))
-    [image] = generate_images(loaded.pipe, REQUEST, 11, loaded.device)
+    [image] = generate_images(loaded.pipe, seed=11, **generation_arguments(REQUEST))
     assert image.size == (256, 256) and np.asarray(image).std() > 0

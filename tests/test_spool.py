@@ -13,13 +13,16 @@ from fakes import oci_common
 from fakes.object_storage import FakeObjectStorage
 from sd3_service.object_storage import ObjectStorageStore
 from sd3_service.settings import ARTIFACT_DIR, Settings
-from sd3_service.spool import Spool, SpoolingStore, request_id_of
-from sd3_service.store import ImageObject, LocalFolderStore, StoreError
+from sd3_service.spool import Spool, SpoolCorrupt, SpoolingStore
+from sd3_service.store import ImageObject, LocalFolderStore
 
 
 def image(index: int = 0, request_id: str = "req-42") -> ImageObject:
     return ImageObject(name=f"sd3/2026/11/25/{request_id}-{index}.png", data=os.urandom(2048) + bytes([index]),
-                       content_type="image/png", metadata={"seed": str(index), "model": "tiny"})
+                       content_type="image/png", metadata={"seed": str(index), "model": "tiny"}, request_id=request_id)
+
+
+SOMEWHERE = {"kind": "local", "folder": "/srv/images"}  # a destination, for tests of the folder alone
 
 
 def wait_until(condition, timeout: float = 60.0) -> None:
@@ -60,44 +63,50 @@ def started():
         spooling.stop(timeout=10)
 
 
+class BuggyStore(LocalFolderStore):
+    """A real local store that raises a non-StoreError (a bug, or an SDK error nobody expected) while `broken`."""
+
+    broken = True
+
+    def put(self, image):
+        if self.broken:
+            raise KeyError("token")  # what a 200 without a token did inside the SDK's token renewal
+        return super().put(image)
+
+
 # -- the folder -------------------------------------------------------------------------------------
 
 
 def test_a_kept_image_reads_back_the_same_from_a_new_process(tmp_path):
     kept = image()
-    Spool(tmp_path / "spool").keep(kept)
+    Spool(tmp_path / "spool").keep(kept, SOMEWHERE)
 
     after_restart = Spool(tmp_path / "spool")
     (path,) = after_restart.pending()
-    assert after_restart.load(path) == kept
+    assert after_restart.load(path).image == kept and after_restart.load(path).destination == SOMEWHERE
     assert not list((tmp_path / "spool").glob(".tmp-*"))  # written atomically, no leftovers
 
 
 def test_keeping_the_same_name_again_replaces_it_and_order_is_oldest_first(tmp_path):
     spool = Spool(tmp_path)
     older, newer = image(0), image(1)
-    spool.keep(older)
+    spool.keep(older, SOMEWHERE)
     os.utime(spool.pending()[0], (1, 1))
-    spool.keep(newer)
-    assert [spool.load(p).name for p in spool.pending()] == [older.name, newer.name]
+    spool.keep(newer, SOMEWHERE)
+    assert [spool.load(p).image.name for p in spool.pending()] == [older.name, newer.name]
 
-    spool.keep(ImageObject(name=older.name, data=b"second try", content_type="image/png"))
+    spool.keep(ImageObject(name=older.name, data=b"second try", content_type="image/png"), SOMEWHERE)
 
-    assert len(spool) == 2 and {spool.load(p).data for p in spool.pending()} == {b"second try", newer.data}
-
-
-def test_the_request_id_is_read_back_from_a_server_made_name():
-    assert request_id_of("sd3/2026/11/25/my-req_1-3.webp") == "my-req_1"
-    assert request_id_of("sd3/2026/11/25/0123abcd.json") == "0123abcd"
+    assert len(spool) == 2 and {spool.load(p).image.data for p in spool.pending()} == {b"second try", newer.data}
 
 
 def test_an_unreadable_spooled_file_is_set_aside_and_the_rest_still_uploads(tmp_path, caplog):
     spool = Spool(tmp_path / "spool")
-    bad = spool.keep(image(0))
+    folder = LocalFolderStore(tmp_path / "images")
+    bad = spool.keep(image(0), folder.destination())
     bad.write_bytes(bad.read_bytes()[:-10])  # truncated on disk
     intact = image(1)
-    spool.keep(intact)
-    folder = LocalFolderStore(tmp_path / "images")
+    spool.keep(intact, folder.destination())
 
     assert SpoolingStore(folder, spool).upload_pending()
 
@@ -121,8 +130,10 @@ def test_half_written_files_from_a_crash_are_discarded_at_start(tmp_path, starte
 
 def test_keeping_never_raises_even_when_the_disk_refuses(tmp_path, caplog):
     (tmp_path / "not-a-folder").write_text("a file where the spool folder should be")
-    spooling = SpoolingStore(LocalFolderStore(tmp_path / "images"), Spool(tmp_path / "not-a-folder" / "spool"))
-    spooling.keep(image())
+    folder = BuggyStore(tmp_path / "images")
+    spooling = SpoolingStore(folder, Spool(tmp_path / "not-a-folder" / "spool"))
+    result = spooling.put(image())
+    assert result.stored is False and result.location == folder.location(image().name)
     assert "[req-42] Could not spool" in caplog.text and "exists only in its response" in caplog.text
 
 
@@ -142,34 +153,33 @@ def test_an_outage_keeps_the_image_and_uploads_it_under_the_same_name_when_the_b
     fake.outage(503)
     lost = image(0)
 
-    with pytest.raises(StoreError, match="503"):
-        spooling.put(lost)
-    spooling.keep(lost)  # what the engine does with it
+    assert spooling.put(lost).stored is False  # kept: the caller answers it inline
 
     assert len(spooling.spool) == 1 and fake.object("images", lost.name) is None
     about = spooling.describe()
     assert about["state"] == "failing" and about["spooled"] == 1 and "503" in about["error"]
     # While it is known to fail, requests do not each spend the retry budget on it.
     calls = len(fake.requests)
-    with pytest.raises(StoreError, match="still failing"):
-        spooling.put(image(1))
+    assert spooling.put(image(1)).stored is False
     assert fake.seen("PUT", image(1).name) == [], "a known-down store was tried on the request path"
-    time.sleep(0.5)  # the uploader keeps trying in the background meanwhile, and keeps the file
-    assert len(fake.requests) > calls and len(spooling.spool) == 1
+    time.sleep(0.5)  # the uploader keeps trying in the background meanwhile, and keeps the files
+    assert len(fake.requests) > calls and len(spooling.spool) == 2
 
     fake.restore()
 
     wait_until(lambda: len(spooling.spool) == 0)
     stored = fake.object("images", lost.name)
     assert stored.data == lost.data and stored.metadata == lost.metadata and stored.content_type == "image/png"
-    assert spooling.describe()["state"] == "ok" and spooling.put(image(2)).uri.endswith(image(2).name)
+    assert fake.object("images", image(1).name) is not None
+    result = spooling.put(image(2))
+    assert spooling.describe()["state"] == "ok" and result.stored and result.location.uri.endswith(image(2).name)
 
 
 def test_a_restart_with_a_full_spool_finishes_the_uploads(fake, bucket, tmp_path, started, caplog):
     caplog.set_level(logging.INFO, logger="sd3")
     left_over = [image(i, request_id=f"req{i}") for i in range(3)]
     for kept in left_over:
-        Spool(tmp_path / "spool").keep(kept)  # a previous process spooled these, then stopped
+        Spool(tmp_path / "spool").keep(kept, bucket.destination())  # a previous process spooled these, then stopped
 
     spooling = started(bucket, Spool(tmp_path / "spool"))
 
@@ -181,7 +191,7 @@ def test_a_restart_with_a_full_spool_finishes_the_uploads(fake, bucket, tmp_path
 def test_a_spooled_file_is_deleted_only_after_its_upload_succeeded(fake, bucket, tmp_path):
     spool = Spool(tmp_path / "spool")
     kept = image()
-    spool.keep(kept)
+    spool.keep(kept, bucket.destination())
     spooling = SpoolingStore(bucket, spool)
     for outage in (500, None):  # an error answer, then connections dropped after the upload was sent
         fake.outage(outage, when=lambda r: r.method == "PUT")
@@ -200,9 +210,7 @@ def test_a_missing_credential_is_one_clear_line_at_start_and_images_are_kept(fak
     spooling = started(store, Spool(tmp_path / "spool"))
     wait_until(lambda: spooling.state == "failing")
     for index in range(3):
-        with pytest.raises(StoreError):
-            spooling.put(image(index))
-        spooling.keep(image(index))
+        assert spooling.put(image(index)).stored is False
     time.sleep(0.5)  # the uploader retries in the background meanwhile
 
     assert len(spooling.spool) == 3
@@ -221,7 +229,7 @@ def test_a_refused_credential_recovers_once_it_is_fixed(fake, tmp_path, started,
     spooling = started(store, Spool(tmp_path / "spool"))
     wait_until(lambda: spooling.state == "failing")
     assert "credential (OCI_AUTH=resource_principal) was refused" in spooling.describe()["error"]
-    spooling.keep(image())
+    assert spooling.put(image()).stored is False
 
     fake.trust(credentials)  # e.g. the missing policy was added
 
@@ -229,24 +237,11 @@ def test_a_refused_credential_recovers_once_it_is_fixed(fake, tmp_path, started,
     assert fake.object("images", image().name) is not None and spooling.state == "ok"
 
 
-class BuggyStore(LocalFolderStore):
-    """A real local store that raises a non-StoreError (a bug, or an SDK error nobody expected) while `broken`."""
-
-    broken = True
-
-    def put(self, image):
-        if self.broken:
-            raise KeyError("token")  # what a 200 without a token did inside the SDK's token renewal
-        return super().put(image)
-
-
 def test_a_stores_unexpected_error_neither_stops_the_uploader_nor_loses_the_image(tmp_path, caplog):
     folder = BuggyStore(tmp_path / "images")
     spooling = SpoolingStore(folder, Spool(tmp_path / "spool"), retry_min_seconds=0.05, retry_max_seconds=0.1)
     lost = image()
-    with pytest.raises(KeyError):
-        spooling.put(lost)  # the engine answers it inline (tests/test_engine.py) and keeps it:
-    spooling.keep(lost)
+    assert spooling.put(lost).stored is False  # kept; the writer answers it inline
     assert spooling.state == "failing" and "KeyError" in spooling.error
     spooling.start()
     try:
@@ -259,3 +254,69 @@ def test_a_stores_unexpected_error_neither_stops_the_uploader_nor_loses_the_imag
     assert (tmp_path / "images" / lost.name).read_bytes() == lost.data
     assert spooling.stored_later(lost.name).uri == folder.location(lost.name).uri
     assert "Uploading spooled" in caplog.text and "KeyError" in caplog.text
+
+
+# -- destinations and several uploaders -------------------------------------------------------------
+
+
+def test_a_spooled_image_goes_only_where_its_answer_said(tmp_path, started, caplog):
+    spool = Spool(tmp_path / "spool")
+    ours, theirs = LocalFolderStore(tmp_path / "ours"), LocalFolderStore(tmp_path / "theirs")
+    mine, other = image(0, "mine"), image(0, "other")
+    spool.keep(mine, ours.destination())
+    held = spool.keep(other, theirs.destination())  # e.g. left by a server on another bucket sharing SPOOL_DIR
+
+    spooling = started(ours, spool)
+    wait_until(lambda: (tmp_path / "ours" / mine.name).exists())
+    wait_until(lambda: "held_for_other_destinations" in spooling.describe())
+
+    assert not (tmp_path / "ours" / other.name).exists() and not (tmp_path / "theirs").exists()
+    assert held.exists() and spool.load(held).image == other
+    [about] = spooling.describe()["held_for_other_destinations"]
+    assert about["object_name"] == other.name and about["destination"] == theirs.destination()
+    lines = [r for r in caplog.records if "was answered for" in r.getMessage()]
+    assert len(lines) == 1 and "[other]" in lines[0].getMessage()
+    # The store it was meant for takes it.
+    assert SpoolingStore(theirs, spool).upload_pending()
+    assert (tmp_path / "theirs" / other.name).read_bytes() == other.data and not held.exists()
+
+
+def test_an_object_storage_namespace_not_known_yet_matches_but_another_bucket_does_not(tmp_path):
+    spool = Spool(tmp_path / "spool")
+    spool.keep(image(0), {"kind": "oci", "bucket": "images", "namespace": None})  # kept before the lookup
+    spool.keep(image(1), {"kind": "oci", "bucket": "other", "namespace": None})
+
+    class NamedBucket(LocalFolderStore):  # a real folder store that says it is bucket `images`
+        def destination(self):
+            return {"kind": "oci", "bucket": "images", "namespace": "tenancyns"}
+
+    assert SpoolingStore(NamedBucket(tmp_path / "images"), spool).upload_pending()
+    assert (tmp_path / "images" / image(0).name).exists() and not (tmp_path / "images" / image(1).name).exists()
+    assert len(spool) == 1
+
+
+def test_a_file_another_uploader_set_aside_first_does_not_stop_this_one(tmp_path):
+    spool = Spool(tmp_path / "spool")
+    folder = LocalFolderStore(tmp_path / "images")
+    bad = spool.keep(image(0), folder.destination())
+    bad.write_bytes(bad.read_bytes()[:-10])
+    intact = image(1)
+    spool.keep(intact, folder.destination())
+    first = SpoolingStore(folder, spool)
+    second = SpoolingStore(folder, Spool(spool.root))  # another worker on the same spool
+
+    real_load = first.spool.load
+
+    def load_while_the_other_worker_runs(path):
+        # The interleaving that two workers can have: this one reads the bad file, then the other worker
+        # sets it aside before this one does.
+        try:
+            return real_load(path)
+        except SpoolCorrupt:
+            assert second.upload_pending()
+            raise
+
+    first.spool.load = load_while_the_other_worker_runs
+    assert first.upload_pending()  # before the fix: FileNotFoundError, and the upload thread died
+    assert (spool.root / "corrupt" / bad.name).exists()
+    assert (tmp_path / "images" / intact.name).read_bytes() == intact.data

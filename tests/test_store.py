@@ -4,12 +4,13 @@ import datetime as dt
 
 import pytest
 
-from sd3_service.store import ImageObject, LocalFolderStore, StoreError, object_name
+from sd3_service.naming import image_name
+from sd3_service.store import ImageObject, LocalFolderStore, StoreError
 
 
 def test_object_names_are_dated_and_built_from_the_request_id():
     when = dt.datetime(2026, 1, 2, 23, 59, tzinfo=dt.timezone.utc)
-    assert object_name("sd3/", "abc", 3, "webp", when) == "sd3/2026/01/02/abc-3.webp"
+    assert image_name("sd3/", "abc", 3, "webp", when) == "sd3/2026/01/02/abc-3.webp"
 
 
 def test_put_writes_the_bytes_and_answers_a_file_uri(tmp_path):

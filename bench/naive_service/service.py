@@ -15,10 +15,12 @@ import time
 import bentoml
 
 from sd3_service.contract import PredictRequest
-from sd3_service.generation import generate_images
+from sd3_service.generation import generate_images, generation_arguments
 from sd3_service.model_loading import load_pipeline
 from sd3_service.settings import Settings
-from sd3_service.store import ImageObject, build_store, object_name
+from sd3_service.image_writer import build_store
+from sd3_service.naming import image_name
+from sd3_service.store import ImageObject
 
 
 @bentoml.service(name="sd3-naive", traffic={"timeout": 300}, resources={"gpu": 1})
@@ -34,13 +36,13 @@ class NaiveSD3:
         request = PredictRequest(prompt=prompt, num_inference_steps=num_inference_steps,
                                  guidance_scale=guidance_scale, width=width, height=height, seed=seed)
         began = time.perf_counter()
-        [image] = generate_images(self.loaded.pipe, request, seed, self.loaded.device)
+        [image] = generate_images(self.loaded.pipe, seed=seed, **generation_arguments(request))
         generated = time.perf_counter()
         buffer = io.BytesIO()
         image.save(buffer, format="PNG")  # Pillow's defaults, as the sample's PIL return value is encoded
         data = buffer.getvalue()
         encoded = time.perf_counter()
-        name = object_name(self.settings.object_prefix, request_id, 0, "png", dt.datetime.now(dt.timezone.utc))
+        name = image_name(self.settings.object_prefix, request_id, 0, "png", dt.datetime.now(dt.timezone.utc))
         self.store.put(ImageObject(name=name, data=data, content_type="image/png"))
         stored = time.perf_counter()
         return {"object_name": name, "bytes": len(data), "timings_ms": {

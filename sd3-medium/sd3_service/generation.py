@@ -26,24 +26,32 @@ class EncodedImage:
     height: int
 
 
-def generate_images(pipe, request: PredictRequest, seed: int, device: str) -> list:
-    """Generate `request.num_images` PIL images; the same seed and request give the same images."""
+def generate_images(pipe, *, prompt: str, negative_prompt: str | None, num_inference_steps: int,
+                    guidance_scale: float, width: int, height: int, num_images: int, seed: int) -> list:
+    """Generate `num_images` PIL images; the same seed and parameters give the same images."""
     import torch
 
     # A CPU generator gives the same noise on every device, so a seed means the same image everywhere.
     generator = torch.Generator("cpu").manual_seed(seed)
     with torch.inference_mode():
         result = pipe(
-            prompt=request.prompt,
-            negative_prompt=request.negative_prompt,
-            num_inference_steps=request.num_inference_steps,
-            guidance_scale=request.guidance_scale,
-            width=request.width,
-            height=request.height,
-            num_images_per_prompt=request.num_images,
+            prompt=prompt,
+            negative_prompt=negative_prompt,
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+            width=width,
+            height=height,
+            num_images_per_prompt=num_images,
             generator=generator,
         )
     return result.images
+
+
+def generation_arguments(request: PredictRequest) -> dict:
+    """The keyword arguments of `generate_images` that a request asks for (all but the seed)."""
+    return {"prompt": request.prompt, "negative_prompt": request.negative_prompt,
+            "num_inference_steps": request.num_inference_steps, "guidance_scale": request.guidance_scale,
+            "width": request.width, "height": request.height, "num_images": request.num_images}
 
 
 def encode_png(image) -> bytes:

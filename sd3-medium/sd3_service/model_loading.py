@@ -1,4 +1,7 @@
-"""Find, load and place the SD3 pipeline, as `SD3_MODEL`, `SD3_DEVICE` and `SD3_DTYPE` say."""
+"""Find, load and place the SD3 pipeline, as `SD3_MODEL`, `SD3_DEVICE` and `SD3_DTYPE` say.
+
+The weights are read from disk once (`load_weights`), then placed on each device (`place_pipeline`).
+"""
 
 from __future__ import annotations
 
@@ -50,28 +53,43 @@ def resolve_model_source(setting: str, artifact_dir: Path, cuda_available: bool)
     return ModelSource(TINY, "tiny", "no weights in the artifact and no CUDA GPU")
 
 
-def resolve_device(setting: str, cuda_available: bool) -> str:
+def resolve_devices(setting: str, cuda_count: int) -> list[str]:
+    """Turn `SD3_DEVICE` into the devices to serve on, one pipeline each.
+
+    `auto`: every CUDA GPU torch sees, else the CPU; `cuda`: every CUDA GPU (an error without one);
+    otherwise the comma-separated list as given (`cuda:0,cuda:1`; `cpu,cpu` runs two CPU pipelines).
+    """
     if setting == "auto":
-        return "cuda" if cuda_available else "cpu"
-    if setting == "cuda" and not cuda_available:
-        raise RuntimeError("SD3_DEVICE=cuda but torch sees no CUDA GPU")
+        return [f"cuda:{index}" for index in range(cuda_count)] or ["cpu"]
+    if setting == "cuda":
+        if not cuda_count:
+            raise RuntimeError("SD3_DEVICE=cuda but torch sees no CUDA GPU")
+        return [f"cuda:{index}" for index in range(cuda_count)]
+    return [device.strip() for device in setting.split(",")]
+
+
+def resolve_dtype(setting: str, devices: list[str]) -> str:
+    if setting == "auto":
+        return "float16" if any(device.startswith("cuda") for device in devices) else "float32"
     return setting
 
 
-def resolve_dtype(setting: str, device: str) -> str:
-    if setting == "auto":
-        return "float16" if device == "cuda" else "float32"
-    return setting
+@dataclass
+class LoadedWeights:
+    """The pipeline as read from disk (or built), on the CPU in its serving dtype, not yet placed."""
+
+    pipe: Any
+    source: ModelSource
+    dtype: str
 
 
-def load_pipeline(settings: Settings) -> LoadedPipeline:
-    """Load the pipeline onto its device; slow (seconds for tiny, minutes for the hub model)."""
+def load_weights(settings: Settings, devices: list[str]) -> LoadedWeights:
+    """Read the weights once, in the serving dtype; slow (seconds for tiny, minutes for the hub model)."""
     import torch
 
-    cuda = torch.cuda.is_available()
-    source = resolve_model_source(settings.sd3_model, ARTIFACT_DIR, cuda)
-    device = resolve_device(settings.sd3_device, cuda)
-    dtype = resolve_dtype(settings.sd3_dtype, device)
+    source = resolve_model_source(settings.sd3_model, ARTIFACT_DIR, torch.cuda.is_available())
+    dtype = resolve_dtype(settings.sd3_dtype, devices)
+    without_t5 = {} if settings.sd3_t5 else {"text_encoder_3": None, "tokenizer_3": None}
     if source.kind == "tiny":
         log.warning(
             "Serving the TINY random-weight SD3 pipeline (%s): images are noise. "
@@ -79,39 +97,61 @@ def load_pipeline(settings: Settings) -> LoadedPipeline:
         )
         from sd3_service.tiny_model import build_tiny_pipeline
 
-        pipe = build_tiny_pipeline()
+        pipe = build_tiny_pipeline(getattr(torch, dtype))
+        if without_t5:
+            pipe = type(pipe)(**{**pipe.components, **without_t5})
     else:
         from diffusers import StableDiffusion3Pipeline
 
-        log.info("Loading SD3 from %s (%s) as %s on %s", source.name, source.reason, dtype, device)
+        log.info("Loading SD3 from %s (%s) as %s for %s", source.name, source.reason, dtype, ", ".join(devices))
         if source.kind == "hub":
             warn_if_hub_download(source.name, log)
         token = settings.hf_token.get_secret_value() if settings.hf_token else None
-        without_t5 = {} if settings.sd3_t5 else {"text_encoder_3": None, "tokenizer_3": None}  # never loaded
+        # The dtype is set here, where transformers keeps what must stay float32 (T5's `wo`); placing
+        # later moves by device only.
         pipe = StableDiffusion3Pipeline.from_pretrained(source.name, dtype=getattr(torch, dtype), token=token,
-                                                        **without_t5)
-        pipe.set_progress_bar_config(disable=True)
-    pipe = place_pipeline(pipe, settings, device, getattr(torch, dtype))
-    return LoadedPipeline(pipe=pipe, source=source, device=device, dtype=dtype)
+                                                        **without_t5)  # without T5, its weights are never read
+    if not settings.sd3_t5:
+        log.info("SD3_T5=false: the pipeline feeds zeros in place of T5's text states")
+    return LoadedWeights(pipe=pipe, source=source, dtype=dtype)
 
 
-def place_pipeline(pipe, settings: Settings, device: str, dtype):
-    """Move the pipeline to its device and dtype, applying SD3_T5, SD3_OFFLOAD, SD3_FUSE_QKV and SD3_COMPILE."""
-    if not settings.sd3_t5 and pipe.text_encoder_3 is not None:
-        # Without T5 the pipeline feeds zeros in place of its text states (as diffusers documents for SD3).
-        pipe = type(pipe)(**{**pipe.components, "text_encoder_3": None, "tokenizer_3": None})
-        pipe.set_progress_bar_config(disable=True)
+def place_pipeline(weights: LoadedWeights, device: str, settings: Settings, copy: bool = True) -> LoadedPipeline:
+    """A pipeline on `device` with its own scheduler and tokenizers, applying SD3_OFFLOAD, SD3_FUSE_QKV, SD3_COMPILE.
+
+    `copy=False` moves the loaded weights themselves (for the last device: no spare copy is left behind).
+    """
+    import copy as copying
+
+    import torch
+
+    components = {}
+    for name, component in weights.pipe.components.items():
+        if isinstance(component, torch.nn.Module):
+            components[name] = copying.deepcopy(component) if copy else component
+        else:  # the scheduler holds per-generation state; a fast tokenizer must not be shared between threads
+            components[name] = copying.deepcopy(component)
+    pipe = type(weights.pipe)(**components)
+    pipe.set_progress_bar_config(disable=True)
     if settings.sd3_offload:
-        if device != "cuda":
-            raise RuntimeError("SD3_OFFLOAD=true needs a CUDA GPU (SD3_DEVICE=cuda): it moves models onto the GPU")
-        pipe.to(dtype=dtype)
-        pipe.enable_model_cpu_offload()  # each model moves to the GPU for its own step, then back
+        if not device.startswith("cuda"):
+            raise RuntimeError("SD3_OFFLOAD=true needs a CUDA GPU: it moves models onto the GPU")
+        pipe.enable_model_cpu_offload(device=device)  # each model moves to the GPU for its own step, then back
     else:
-        pipe.to(device=device, dtype=dtype)
+        pipe.to(device)  # by device only: the dtypes were set at load
+    pipe.vae.enable_slicing()  # decode one image at a time: 4 images at 1536x1536 must fit beside the weights
     if settings.sd3_fuse_qkv:
         pipe.transformer.fuse_qkv_projections()
     if settings.sd3_compile:
         pipe.transformer.compile()  # compiles on the first call per input shape: the warm-up pays for 1024x1024
-    log.info("Pipeline options: T5 %s, offload %s, fused QKV %s, compiled %s", settings.sd3_t5,
+    log.info("Pipeline on %s: T5 %s, offload %s, fused QKV %s, compiled %s", device, settings.sd3_t5,
              settings.sd3_offload, settings.sd3_fuse_qkv, settings.sd3_compile)
-    return pipe
+    return LoadedPipeline(pipe=pipe, source=weights.source, device=device, dtype=weights.dtype)
+
+
+def load_pipeline(settings: Settings, device: str | None = None) -> LoadedPipeline:
+    """Load the pipeline onto one device (the first `SD3_DEVICE` names, unless given): for tools and benchmarks."""
+    import torch
+
+    device = device or resolve_devices(settings.sd3_device, torch.cuda.device_count())[0]
+    return place_pipeline(load_weights(settings, [device]), device, settings, copy=False)

@@ -151,6 +151,9 @@ class ObjectStorageStore:
         where = f"{self.bucket}@{self.namespace}" if self.namespace else self.bucket
         return Location(uri=f"oci://{where}/{name}", bucket=self.bucket, namespace=self.namespace)
 
+    def destination(self) -> dict[str, str | None]:
+        return {"kind": "oci", "bucket": self.bucket, "namespace": self.namespace}
+
     def describe(self) -> dict[str, str]:
         about = {"kind": "oci", "bucket": self.bucket, "namespace": self.namespace or "(not looked up yet)",
                  "auth": self.auth}

@@ -18,9 +18,12 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(case_sensitive=False, extra="ignore")
 
     sd3_model: str = Field("auto", description="`auto`, `tiny`, a local diffusers folder or a Hugging Face repo id")
-    sd3_device: Literal["auto", "cuda", "cpu"] = Field("auto", description="`auto` picks cuda when torch sees a GPU")
+    sd3_device: str = Field(
+        "auto", pattern=r"^(auto|cuda|(cpu|cuda:\d+)(,(cpu|cuda:\d+))*)$",
+        description="`auto`: every CUDA GPU torch sees, else cpu; `cuda`: every CUDA GPU; or a list such as "
+                    "`cuda:0,cuda:1` (`cpu,cpu` for tests). One pipeline per device, one shared queue")
     sd3_dtype: Literal["auto", "float16", "bfloat16", "float32"] = Field(
-        "auto", description="`auto` is float16 on cuda, float32 on cpu")
+        "auto", description="`auto` is float16 with CUDA devices, float32 on cpu")
     hf_token: SecretStr | None = Field(None, description="only to download the gated model from the hub")
     # Speed and memory options (docs/benchmarks.md). Off by default until measured on a GPU.
     sd3_compile: bool = Field(False, description="torch.compile the transformer; each new image size compiles first")
@@ -53,7 +56,8 @@ class Settings(BaseSettings):
     model_deploy_predict_endpoint: str = Field("/predict", description="route of the predict API (OCI MD remaps it)")
     model_deploy_health_endpoint: str = Field("/health", description="route of the health check (OCI MD remaps it)")
     max_body_bytes: int = Field(10 * 1024 * 1024, description="OCI Model Deployment caps payloads at 10 MB")
-    max_queue: int = Field(4, ge=0, description="requests waiting for the GPU beyond the running one; more get 429")
+    max_queue: int = Field(4, ge=0, description="requests waiting for a device beyond the one running on each; "
+                                                "more get 429")
     idempotency_cache_size: int = Field(1024, ge=0, description="answers remembered by request_id")
 
     @field_validator("model_deploy_predict_endpoint", "model_deploy_health_endpoint")

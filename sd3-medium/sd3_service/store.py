@@ -1,12 +1,11 @@
 """Where generated images are kept: one small interface, two implementations.
 
 `LocalFolderStore` (the embedded default) writes under `IMAGE_DIR`; the Object Storage store
-(`object_storage.py`) writes to a bucket. The service only ever sees `ImageStore`.
+(`object_storage.py`) writes to a bucket. Everything above them sees only `ImageStore`.
 """
 
 from __future__ import annotations
 
-import datetime as dt
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -26,6 +25,7 @@ class ImageObject:
     data: bytes
     content_type: str
     metadata: dict[str, str] = field(default_factory=dict)
+    request_id: str = ""  # for log lines about it
 
 
 @dataclass(frozen=True)
@@ -47,13 +47,21 @@ class ImageStore(Protocol):
     def put(self, image: ImageObject) -> Location:
         """Store the image; raise `StoreError` when it could not be stored."""
 
+    def check(self) -> None:
+        """Raise `StoreError` when the store cannot take images now (one cheap call, no image)."""
+
+    def destination(self) -> dict[str, str | None]:
+        """Where this store puts images (kind, bucket and namespace, or folder): recorded with each kept image."""
+
     def describe(self) -> dict[str, str]:
         """A short description for logs and /health (no secrets)."""
 
 
-def object_name(prefix: str, request_id: str, index: int, extension: str, when: dt.datetime) -> str:
-    """`<prefix><yyyy>/<mm>/<dd>/<request_id>-<index>.<ext>`: names come from the server only."""
-    return f"{prefix}{when:%Y/%m/%d}/{request_id}-{index}.{extension}"
+def same_destination(recorded: dict, current: dict) -> bool:
+    """Whether an image kept for `recorded` may go to `current`; a namespace not known yet matches any."""
+    keys = set(recorded) | set(current)
+    return all(recorded.get(key) == current.get(key) or (key == "namespace" and None in (recorded.get(key),
+               current.get(key))) for key in keys)
 
 
 class LocalFolderStore:
@@ -76,14 +84,13 @@ class LocalFolderStore:
             raise StoreError(f"cannot write {path}: {exc.strerror or exc}") from exc
         return self.location(image.name)
 
+    def check(self) -> None:
+        existing = next(folder for folder in (self.root, *self.root.parents) if folder.exists())
+        if not (existing.is_dir() and os.access(existing, os.W_OK)):
+            raise StoreError(f"cannot write to {self.root}")
+
+    def destination(self) -> dict[str, str | None]:
+        return {"kind": "local", "folder": str(self.root)}
+
     def describe(self) -> dict[str, str]:
         return {"kind": "local", "path": str(self.root)}
-
-
-def build_store(settings) -> ImageStore:
-    """The Object Storage store when `BUCKET_NAME` is set, else the local folder (no client built here)."""
-    if settings.bucket_name:
-        from sd3_service.object_storage import ObjectStorageStore
-
-        return ObjectStorageStore.from_settings(settings)
-    return LocalFolderStore(settings.image_dir)

@@ -38,8 +38,8 @@ def _t5_tokenizer():
     return tokenizer, len(pieces)
 
 
-def build_tiny_pipeline():
-    """Build the tiny SD3 pipeline (float32, on the CPU)."""
+def build_tiny_pipeline(dtype: torch.dtype = torch.float32):
+    """Build the tiny SD3 pipeline on the CPU, in `dtype` except what transformers keeps in float32 (T5's `wo`)."""
     from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel,
                            StableDiffusion3Pipeline)
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
@@ -81,5 +81,17 @@ def build_tiny_pipeline():
     for module in pipe.components.values():
         if isinstance(module, torch.nn.Module):
             module.eval()  # freshly built modules start in training mode, with dropout on
+            _cast_as_loading_would(module, dtype)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def _cast_as_loading_would(module: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Cast to `dtype` as `from_pretrained(dtype=...)` does: modules a model keeps in float32 stay there."""
+    if dtype == torch.float32:
+        return  # built in float32 already
+    module.to(dtype)
+    keep = getattr(module, "_keep_in_fp32_modules", None) or []
+    for name, child in module.named_modules():
+        if any(part in keep for part in name.split(".")):
+            child.to(torch.float32)

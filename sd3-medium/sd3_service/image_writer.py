@@ -1,0 +1,133 @@
+"""Encode generated images, name them, store them, and say where each one is.
+
+The writer's store is a `SpoolingStore`: an image the bucket (or folder) cannot take now is kept on
+local disk and answered inline, so writing never loses an image and never fails a request.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+
+from sd3_service.contract import PredictRequest, PredictResponse, StoredImage
+from sd3_service.generation import EncodedImage, encode_image
+from sd3_service.naming import image_name, sidecar_name
+from sd3_service.spool import Spool, SpoolingStore
+from sd3_service.store import ImageObject, ImageStore, LocalFolderStore
+
+
+
+def build_store(settings) -> ImageStore:
+    """The Object Storage store when `BUCKET_NAME` is set, else the local folder (no client built here)."""
+    if settings.bucket_name:
+        from sd3_service.object_storage import ObjectStorageStore  # the oci SDK is slow to import: only if used
+
+        return ObjectStorageStore.from_settings(settings)
+    return LocalFolderStore(settings.image_dir)
+
+
+@dataclass(frozen=True)
+class Written:
+    """A request's images, encoded and stored (or kept)."""
+
+    files: list[EncodedImage]
+    images: list[StoredImage]
+    encode_seconds: float
+    store_seconds: float
+
+
+class ImageWriter:
+    """Encodes, names and stores a request's images, with their metadata and (optionally) a parameters sidecar.
+
+    Args:
+        store: where images go; it keeps what it cannot store.
+        object_prefix: prefix of every object name.
+        store_params: also store `<request_id>.json` next to the images, with every parameter (prompt too).
+    """
+
+    def __init__(self, store: SpoolingStore, object_prefix: str = "sd3/", store_params: bool = False):
+        self.store = store
+        self.object_prefix = object_prefix
+        self.store_params = store_params
+
+    @classmethod
+    def from_settings(cls, settings) -> ImageWriter:
+        store = SpoolingStore(build_store(settings), Spool(settings.spool_dir))
+        return cls(store, object_prefix=settings.object_prefix, store_params=settings.store_params)
+
+    def start(self) -> None:
+        """Start uploading what earlier runs kept (and check the store once)."""
+        self.store.start()
+
+    def stop(self) -> None:
+        self.store.stop(timeout=5)
+
+    def describe(self) -> dict:
+        return self.store.describe()
+
+    def write(self, request: PredictRequest, request_id: str, seed: int, images: list, model: str) -> Written:
+        """Encode and store `images`, generated for `request` with `seed` by `model`."""
+        began = time.perf_counter()
+        files = [encode_image(image, request.output_format) for image in images]
+        encoded = time.perf_counter()
+        now = dt.datetime.now(dt.timezone.utc)
+        metadata = image_metadata(request, seed, model)
+        stored = []
+        for index, file in enumerate(files):
+            image = ImageObject(name=image_name(self.object_prefix, request_id, index, file.extension, now),
+                                data=file.data, content_type=file.content_type, metadata=metadata,
+                                request_id=request_id)
+            result = self.store.put(image)
+            where = result.location
+            stored.append(StoredImage(
+                uri=where.uri, object_name=image.name, bucket=where.bucket, namespace=where.namespace,
+                content_type=file.content_type, bytes=len(file.data), sha256=file.sha256,
+                width=file.width, height=file.height, stored=result.stored, url=where.url,
+                data=None if result.stored else base64.b64encode(file.data).decode("ascii"),
+            ))
+        if self.store_params:
+            self._store_sidecar(request, request_id, seed, stored, metadata, model, now)
+        return Written(files=files, images=stored, encode_seconds=encoded - began,
+                       store_seconds=time.perf_counter() - encoded)
+
+    def as_stored_since(self, response: PredictResponse) -> PredictResponse:
+        """An earlier answer, with the images the spool has stored since marked stored (and no inline copy)."""
+        if all(image.stored for image in response.images):
+            return response
+        images = []
+        for image in response.images:
+            where = None if image.stored else self.store.stored_later(image.object_name)
+            images.append(image if where is None else image.model_copy(
+                update={"stored": True, "data": None, "uri": where.uri, "url": where.url}))
+        return response.model_copy(update={"images": images})
+
+    def _store_sidecar(self, request, request_id, seed, stored, metadata, model, now) -> None:
+        """Store `<request_id>.json`: the body that reproduces these images, and what they are."""
+        record = {
+            "request_id": request_id,
+            "created": now.isoformat(),
+            "model": model,
+            # Sent back to /predict as the body, this makes the same images (same hardware and software).
+            "parameters": request.model_dump(mode="json", exclude={"request_id"}) | {"seed": seed},
+            "images": [{"object_name": s.object_name, "sha256": s.sha256, "bytes": s.bytes} for s in stored],
+        }
+        self.store.put(ImageObject(name=sidecar_name(self.object_prefix, request_id, now),
+                                   data=json.dumps(record, indent=1).encode(), content_type="application/json",
+                                   metadata=metadata, request_id=request_id))
+
+
+def image_metadata(request: PredictRequest, seed: int, model: str) -> dict[str, str]:
+    """Generation parameters stored with each image (never the prompt text itself)."""
+    return {
+        "seed": str(seed),
+        "steps": str(request.num_inference_steps),
+        "guidance": str(request.guidance_scale),
+        "width": str(request.width),
+        "height": str(request.height),
+        "model": model,
+        "prompt-sha256": hashlib.sha256(request.prompt.encode()).hexdigest(),
+    }
