@@ -44,9 +44,14 @@ class Device:
     """One device of the pool and where it stands."""
 
     name: str
+    index: int  # its place in SD3_DEVICE: tells `cpu,cpu` apart in the log
     state: str = "loading"  # "loading" | "ready" | "failed"
     error: str | None = None
     pipeline: LoadedPipeline | None = None
+
+    @property
+    def label(self) -> str:
+        return f"{self.name} (device {self.index})"
 
     def describe(self) -> dict[str, str]:
         about = {"device": self.name, "state": self.state}
@@ -68,6 +73,7 @@ class Generated:
 @dataclass
 class _Job:
     request: PredictRequest
+    request_id: str
     seed: int
     future: asyncio.Future
     loop: asyncio.AbstractEventLoop
@@ -121,7 +127,7 @@ class DevicePool:
     def _load(self) -> None:
         started = time.perf_counter()
         try:
-            self.devices = [Device(name) for name in self._find_devices()]
+            self.devices = [Device(name, index) for index, name in enumerate(self._find_devices())]
             weights = self._load_weights([device.name for device in self.devices])
         except BaseException as exc:  # noqa: BLE001 - any failure must reach /health, not end the thread silently
             log.exception("Loading the model failed; /health answers 503 failed")
@@ -136,10 +142,10 @@ class DevicePool:
             try:
                 device.pipeline = self._place(weights, device.name, index < last)
             except BaseException as exc:  # noqa: BLE001 - one device's failure leaves the others serving
-                log.exception("Placing the model on %s failed; the other devices go on", device.name)
+                log.exception("Placing the model on %s failed; the other devices go on", device.label)
                 self._fail(device, exc)
                 continue
-            log.info("Placed on %s in %.1f s", device.name, time.perf_counter() - placing)
+            log.info("Placed on %s in %.1f s", device.label, time.perf_counter() - placing)
             worker = threading.Thread(target=self._serve, args=(device,), name=f"sd3-{device.name}", daemon=True)
             self._workers.append(worker)
             worker.start()
@@ -152,12 +158,12 @@ class DevicePool:
         try:
             generate_images(device.pipeline.pipe, seed=0, **generation_arguments(WARMUP_REQUEST))
         except BaseException as exc:  # noqa: BLE001
-            log.exception("The warm-up generation on %s failed; the other devices go on", device.name)
+            log.exception("The warm-up generation on %s failed; the other devices go on", device.label)
             self._fail(device, exc)
             return
         self._seconds_per_generation = time.perf_counter() - warming
         device.state = "ready"
-        log.info("%s ready: model %s (%s), warm-up %.1f s", device.name, device.pipeline.source.name,
+        log.info("%s ready: model %s (%s), warm-up %.1f s", device.label, device.pipeline.source.name,
                  device.pipeline.dtype, self._seconds_per_generation)
         while True:
             job = self._queue.get()
@@ -169,19 +175,26 @@ class DevicePool:
     def _run(self, device: Device, job: _Job) -> bool:
         """Run one job on the device; False when the device failed and must take no more."""
         started = time.perf_counter()
+        log.info("[%s] Generating on %s", job.request_id, device.label)
         try:
             images = generate_images(device.pipeline.pipe, seed=job.seed, **generation_arguments(job.request))
         except BaseException as exc:  # noqa: BLE001 - the caller gets the error; the worker decides whether to go on
             job.loop.call_soon_threadsafe(_settle, job.future, None, exc)
             if is_device_failure(exc):
-                log.error("%s failed (%s: %s): it takes no more requests; the other devices go on", device.name,
+                log.error("[%s] %s failed (%s: %s): it takes no more requests; the other devices go on", job.request_id,
+                          device.label,
                           type(exc).__name__, exc)
                 self._fail(device, exc)
                 return False
             return True
         finished = time.perf_counter()
+        # Logged here, before this device takes its next job: the log's order is the devices' order.
+        request = job.request
+        log.info("[%s] Generated %d image(s) %dx%d, %d steps, seed %d on %s in %.0f ms", job.request_id, len(images),
+                 request.width, request.height, request.num_inference_steps, job.seed, device.label,
+                 (finished - started) * 1000)
         self._seconds_per_generation = 0.8 * self._seconds_per_generation + 0.2 * (finished - started)
-        generated = Generated(images=images, device=device.name, queue_seconds=started - job.admitted,
+        generated = Generated(images=images, device=device.label, queue_seconds=started - job.admitted,
                               generate_seconds=finished - started)
         job.loop.call_soon_threadsafe(_settle, job.future, generated, None)
         return True
@@ -244,10 +257,10 @@ class DevicePool:
             raise QueueFull(self.retry_after())
         self._admitted += 1
 
-    async def generate(self, request: PredictRequest, seed: int) -> Generated:
+    async def generate(self, request: PredictRequest, request_id: str, seed: int) -> Generated:
         """Generate on the first free device; the request must have been admitted."""
         loop = asyncio.get_running_loop()
-        job = _Job(request=request, seed=seed, future=loop.create_future(), loop=loop)
+        job = _Job(request=request, request_id=request_id, seed=seed, future=loop.create_future(), loop=loop)
         try:
             if not self.ready_count():  # every device failed since admission
                 raise NotReady(self.error())

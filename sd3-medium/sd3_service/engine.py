@@ -97,12 +97,8 @@ class Engine:
         return await asyncio.shield(work)
 
     async def _serve(self, request: PredictRequest, request_id: str) -> Generation:
-        rlog = RequestLog(log, {"request_id": request_id})
         seed = request.seed if request.seed is not None else secrets.randbelow(MAX_SEED + 1)
-        generated = await self.pool.generate(request, seed)
-        rlog.info("Generated %d image(s) %dx%d, %d steps, seed %d on %s in %.0f ms", len(generated.images),
-                  request.width, request.height, request.num_inference_steps, seed, generated.device,
-                  generated.generate_seconds * 1000)
+        generated = await self.pool.generate(request, request_id, seed)
         model = self.pool.model()
         written = await asyncio.get_running_loop().run_in_executor(
             self._io, self.writer.write, request, request_id, seed, generated.images, model[0] if model else "")
