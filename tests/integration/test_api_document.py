@@ -67,7 +67,7 @@ def test_schemathesis_finds_no_disagreement_with_the_document(server, tmp_path):
     # Bounded: a fixed seed and example count, and the hooks lower valid sizes and step counts to the cheapest.
     result = subprocess.run(
         [str(Path(sys.executable).with_name("schemathesis")), "run", server.url + "/docs.json", "--checks", CHECKS,
-         "--max-examples", "8", "--seed", "1", "--no-color", "--generation-database", "none",
+         "--max-examples", "8", "--seed", "1", "--request-timeout", "300", "--no-color", "--generation-database", "none",
          "--report-dir", str(tmp_path)],
         cwd=Path(__file__).parent, env={**os.environ, "SCHEMATHESIS_HOOKS": "schemathesis_hooks"},
         capture_output=True, text=True, timeout=900,
