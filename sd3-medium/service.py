@@ -57,8 +57,8 @@ def build_engine(settings: Settings) -> Engine:
 @bentoml.service(
     name="sd3-medium",
     traffic={"timeout": 300},  # our own queue bound answers 429 long before this
-    # Every GPU of the shape is visible to this one worker process; the device pool uses them all.
-    resources={"gpu": 1},
+    # No `resources={"gpu": N}`: BentoML would then give the worker CUDA_VISIBLE_DEVICES=0..N-1 and hide the
+    # rest of the shape's GPUs. The one worker sees every GPU, and the device pool uses them all.
     # Loopback unless told otherwise (`--host 0.0.0.0`, as the container does): a laptop's server stays private.
     http={"host": "127.0.0.1", "port": 3000},
 )

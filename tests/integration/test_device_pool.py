@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import re
+from pathlib import Path
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -62,3 +64,23 @@ def test_a_device_that_fails_to_load_is_named_and_the_other_serves(make_server):
     assert gpu["device"] == "cuda:0" and gpu["state"] == "failed" and gpu["error"]
     assert answer.status_code == 200 and answer.json()["images"][0]["stored"]
     assert "Placing the model on cuda:0 (device 1) failed" in server.log()
+
+
+def test_bentoml_hides_no_gpu_from_the_worker(server):
+    # BentoML sets CUDA_VISIBLE_DEVICES for a worker of a service that declares GPU resources, which would leave
+    # the pool one GPU of a multi-GPU shape. The test's environment sets none, so the worker must see none.
+    assert "CUDA_VISIBLE_DEVICES" not in os.environ
+    workers = [pid for pid in _children(server.process.pid)]
+    assert workers, "no worker process found"
+    for pid in workers:
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        assert not any(entry.startswith(b"CUDA_VISIBLE_DEVICES=") for entry in environ), pid
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        children = (task / "children").read_text().split()
+        for child in map(int, children):
+            found += [child, *_children(child)]
+    return found
