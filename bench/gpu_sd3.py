@@ -261,16 +261,28 @@ def all_variants() -> list[Variant]:
 
 
 def prepare(pipe, variant: Variant, device: str):
-    """Apply a variant to a freshly built float32 pipeline (on `device`, or the CPU for offload)."""
+    """Apply a variant to a freshly built float32 pipeline, through the service's own placement code.
+
+    The service's dtype cast (what loading keeps in float32 stays there), T5 dropping, offload, QKV fusion
+    and VAE slicing come from sd3_service.model_loading; float8, the VAE's memory layout and the compile
+    modes are this benchmark's own.
+    """
+    from sd3_service.dtypes import cast_as_loading_would
+    from sd3_service.model_loading import LoadedWeights, ModelSource, drop_t5, place_pipeline
+    from sd3_service.settings import Settings
+
     if variant.drop_t5:
-        pipe = type(pipe)(**{**pipe.components, "text_encoder_3": None, "tokenizer_3": None})
-        pipe.set_progress_bar_config(disable=True)
-    pipe.to(dtype=variant.dtype)
+        pipe = drop_t5(pipe)
+    for component in pipe.components.values():
+        if isinstance(component, torch.nn.Module):
+            cast_as_loading_would(component, variant.dtype)
     if variant.offload:
-        pipe.to("cpu")
-        pipe.enable_model_cpu_offload()
-    if variant.fuse_qkv:
-        pipe.transformer.fuse_qkv_projections()
+        pipe.to("cpu")  # offload keeps each model on the CPU until it runs
+    settings = Settings(sd3_model="tiny", sd3_t5=not variant.drop_t5, sd3_offload=variant.offload,
+                        sd3_fuse_qkv=variant.fuse_qkv, sd3_compile=False)  # compile modes: below
+    weights = LoadedWeights(pipe=pipe, source=ModelSource("random", "tiny", "benchmark"),
+                            dtype=str(variant.dtype).removeprefix("torch."))
+    pipe = place_pipeline(weights, device, settings, copy=False).pipe
     if variant.fp8:
         from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
 

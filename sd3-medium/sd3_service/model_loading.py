@@ -74,6 +74,16 @@ def resolve_dtype(setting: str, devices: list[str]) -> str:
     return setting
 
 
+WITHOUT_T5 = {"text_encoder_3": None, "tokenizer_3": None}  # SD3_T5=false: the pipeline feeds zeros instead
+
+
+def drop_t5(pipe):
+    """The same pipeline without its T5 encoder (a loaded one; a folder or hub model skips reading it instead)."""
+    pipe = type(pipe)(**{**pipe.components, **WITHOUT_T5})
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 @dataclass
 class LoadedWeights:
     """The pipeline as read from disk (or built), on the CPU in its serving dtype, not yet placed."""
@@ -89,7 +99,7 @@ def load_weights(settings: Settings, devices: list[str]) -> LoadedWeights:
 
     source = resolve_model_source(settings.sd3_model, ARTIFACT_DIR, torch.cuda.is_available())
     dtype = resolve_dtype(settings.sd3_dtype, devices)
-    without_t5 = {} if settings.sd3_t5 else {"text_encoder_3": None, "tokenizer_3": None}
+    without_t5 = {} if settings.sd3_t5 else WITHOUT_T5
     if source.kind == "tiny":
         log.warning(
             "Serving the TINY random-weight SD3 pipeline (%s): images are noise. "
@@ -99,7 +109,7 @@ def load_weights(settings: Settings, devices: list[str]) -> LoadedWeights:
 
         pipe = build_tiny_pipeline(getattr(torch, dtype))
         if without_t5:
-            pipe = type(pipe)(**{**pipe.components, **without_t5})
+            pipe = drop_t5(pipe)
     else:
         from diffusers import StableDiffusion3Pipeline
 

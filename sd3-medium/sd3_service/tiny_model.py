@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from sd3_service.dtypes import cast_as_loading_would
+
 # Fixed so that every process builds the same weights: the same seed gives the same image across restarts.
 WEIGHT_SEED = 0
 CLIP_HIDDEN = 32
@@ -81,17 +83,7 @@ def build_tiny_pipeline(dtype: torch.dtype = torch.float32):
     for module in pipe.components.values():
         if isinstance(module, torch.nn.Module):
             module.eval()  # freshly built modules start in training mode, with dropout on
-            _cast_as_loading_would(module, dtype)
+            cast_as_loading_would(module, dtype)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
-
-def _cast_as_loading_would(module: torch.nn.Module, dtype: torch.dtype) -> None:
-    """Cast to `dtype` as `from_pretrained(dtype=...)` does: modules a model keeps in float32 stay there."""
-    if dtype == torch.float32:
-        return  # built in float32 already
-    module.to(dtype)
-    keep = getattr(module, "_keep_in_fp32_modules", None) or []
-    for name, child in module.named_modules():
-        if any(part in keep for part in name.split(".")):
-            child.to(torch.float32)
