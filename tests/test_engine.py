@@ -259,3 +259,46 @@ def test_a_caller_that_goes_away_loses_nothing_and_its_retry_gets_the_first_answ
     assert engine.pool._admitted == 0
     assert calls == ["a"]  # generated once: the retry got the work the first caller started
     engine.shutdown()
+
+
+def test_a_device_that_fails_during_a_request_fails_that_request_and_the_others_go_on(tiny, tmp_path):
+    # A CUDA error cannot happen on this CPU: the first device's pipeline raises the error torch gives for a
+    # lost GPU (the one mocked part of this test).
+    settings = Settings(sd3_model="tiny")
+    placed = []
+
+    class LostGpu:
+        def __init__(self, pipe):
+            self.pipe = pipe
+
+        def __call__(self, **kwargs):
+            if kwargs["prompt"] == "lose the gpu":
+                raise RuntimeError("CUDA error: an illegal memory access was encountered")
+            return self.pipe(**kwargs)
+
+    def place(weights, device, copy):
+        loaded = place_pipeline(weights, device, settings, copy=True)
+        placed.append(device)
+        return dataclasses.replace(loaded, pipe=LostGpu(loaded.pipe)) if len(placed) == 1 else loaded
+
+    source = ModelSource("tiny", "tiny", "test")
+    pool = DevicePool(lambda: ["cpu", "cpu"], lambda names: LoadedWeights(pipe=tiny, source=source, dtype="float32"),
+                      place)
+    engine = ready(Engine(pool, ImageWriter(SpoolingStore(LocalFolderStore(tmp_path), Spool(tmp_path / "spool"))),
+                          AnswerBook()))
+
+    async def scenario():
+        for _ in range(20):  # until one lands on the first device (the other device serves it fine)
+            try:
+                await engine.run(PredictRequest(prompt="lose the gpu", **SMALL))
+            except RuntimeError as exc:
+                return exc, await engine.run(PredictRequest(prompt="after", **SMALL))
+        raise AssertionError("no request reached the first device")
+
+    failed, after = asyncio.run(scenario())
+    assert "CUDA error" in str(failed)
+    first, second = engine.health().details["devices"]
+    assert first["state"] == "failed" and "CUDA error" in first["error"]
+    assert second == {"device": "cpu", "state": "ready"} and engine.health().status == "ready"
+    assert after.response.images[0].stored
+    engine.shutdown()

@@ -102,6 +102,8 @@ class HealthResponse(BaseModel):
     model: str | None = Field(None, description="the model served, once ready")
     device: str | None = Field(None, description="where it runs, once ready")
     dtype: str | None = Field(None, description="its weights' dtype, once ready")
+    devices: list[dict] | None = Field(None, description="each device: `device`, `state` (`loading`, `ready`, "
+                                                      "`failed`) and, for a failed one, `error`")
     store: dict | None = Field(None, description="the image store: kind, where, state, images waiting in the spool")
     error: str | None = Field(None, description="why loading failed")
 
