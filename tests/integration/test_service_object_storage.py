@@ -145,7 +145,7 @@ def test_an_outage_answers_the_image_inline_and_stores_it_when_the_bucket_is_bac
     data = base64.b64decode(image["data"])
     assert hashlib.sha256(data).hexdigest() == image["sha256"] and "url" not in image
     sidecar = image["object_name"].rsplit("-", 1)[0] + ".json"
-    spooled = {kept.name: kept.data for kept in map(server.spool.load, server.spool.pending())}
+    spooled = {kept.image.name: kept.image.data for kept in map(server.spool.load, server.spool.pending())}
     assert spooled.keys() == {image["object_name"], sidecar} and spooled[image["object_name"]] == data
     store = health_store(server)
     assert store["state"] == "failing" and store["spooled"] == 2 and "503" in store["error"]
