@@ -16,7 +16,7 @@ import pytest
 from fakes import oci_common
 from fakes.object_storage import FakeObjectStorage
 from fakes.oci_common import Fault
-from sd3_service.object_storage import ObjectStorageStore, attempt_timeout
+from sd3_service.object_storage import MAX_ATTEMPTS, ObjectStorageStore, attempt_timeout
 from sd3_service.settings import Settings
 from sd3_service.store import ImageObject, StoreError
 
@@ -223,15 +223,13 @@ def test_retries_end_within_the_budget_when_the_outage_lasts(fake, rp, outage):
         fake.inject(Fault("delay", count=None, seconds=budget + 2))
     store = store_for(fake, namespace="tenancyns", timeout_seconds=budget)
 
-    began = time.monotonic()
     with pytest.raises(StoreError) as failure:
         store.put(image())
-    took = time.monotonic() - began
 
-    # The store gives up by its own budget (4 s); the SDK's default retries would go on for minutes. The bound
-    # sits far from both, so a loaded machine cannot miss it; how close to 4 s it ends is not asserted.
-    assert took < 5 * budget, took
-    assert len(fake.seen("PUT")) >= 2, "a transient failure is retried at least once"
+    # The state reached: a StoreError after a bounded number of attempts (the SDK's default strategy would go on
+    # retrying for minutes). How soon it gives up is a speed, measured by bench/store_give_up.py, not here.
+    attempts = len(fake.seen("PUT"))
+    assert 2 <= attempts <= MAX_ATTEMPTS, attempts
     expected = "503 ServiceUnavailable" if outage == "503" else "cannot reach Object Storage"
     assert expected in str(failure.value)
 
@@ -241,6 +239,7 @@ def test_retries_end_within_the_budget_when_the_outage_lasts(fake, rp, outage):
 
 def test_return_url_gives_a_read_only_link_that_expires_after_the_ttl(fake, rp):
     store = store_for(fake, namespace="tenancyns", return_url=True, url_ttl_seconds=900)
+    put_began = dt.datetime.now(dt.timezone.utc)
 
     where = store.put(image())
 
@@ -250,7 +249,9 @@ def test_return_url_gives_a_read_only_link_that_expires_after_the_ttl(fake, rp):
     request = fake.seen("POST", "/p")[0].json()
     assert request["accessType"] == "ObjectRead" and request["objectName"] == NAME
     expires = dt.datetime.fromisoformat(request["timeExpires"].replace("Z", "+00:00"))
-    assert abs((expires - dt.datetime.now(dt.timezone.utc)).total_seconds() - 900) < 30
+    # The TTL counts from the upload: the expiry lies between "before the put" and "now", each plus 900 s.
+    ttl = dt.timedelta(seconds=900)
+    assert put_began + ttl - dt.timedelta(seconds=1) <= expires <= dt.datetime.now(dt.timezone.utc) + ttl
 
 
 def test_without_return_url_no_link_is_made(fake, rp):

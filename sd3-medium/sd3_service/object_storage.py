@@ -25,6 +25,7 @@ from sd3_service.store import ImageObject, Location, StoreError
 log = logging.getLogger("sd3.store")
 
 MAX_BACKOFF_SECONDS = 1.5  # the longest sleep between two attempts
+MAX_ATTEMPTS = 8  # a put tries at most this often, within its time budget
 AUTH_HINTS = {
     "resource_principal": "the resource principal exists only inside OCI (Model Deployment sets it up); "
                           "elsewhere set OCI_AUTH=api_key",
@@ -54,7 +55,7 @@ def retry_strategy(budget_seconds: float):
     if window <= 0:
         return oci.retry.NoneRetryStrategy()
     return oci.retry.RetryStrategyBuilder(
-        max_attempts_check=True, max_attempts=8,
+        max_attempts_check=True, max_attempts=MAX_ATTEMPTS,
         total_elapsed_time_check=True, total_elapsed_time_seconds=window,
         service_error_check=True,
         retry_base_sleep_time_seconds=0.25, retry_exponential_growth_factor=2, decorrelated_jitter=0.25,
