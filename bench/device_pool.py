@@ -23,7 +23,6 @@ Writes bench/results/device_pool.json and prints a table.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -38,7 +37,7 @@ import httpx
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from machine import describe_machine, machine_line  # noqa: E402
+from machine import describe_machine, save_report  # noqa: E402
 from serving import SERVICE_DIR, running_server  # noqa: E402
 
 SIZE = 1024
@@ -232,9 +231,7 @@ def main(argv=None) -> dict:
     report["gil"]["gil_ms_per_sd3_medium_step_estimate"] = round(report["gil"]["gil_ms_per_tiny_step"] * scale, 1)
     report["gil"]["host_ms_per_sd3_medium_step_upper_bound"] = round(report["gil"]["tiny_step_alone_ms"] * scale, 1)
     print(f"GIL: {report['gil']}; module calls per transformer step: {calls}")
-    print(machine_line(report["machine"]))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=1) + "\n")
+    save_report(report, args.out)
     return report
 
 

@@ -60,3 +60,13 @@ def machine_line(info: dict) -> str:
     packages = ", ".join(f"{k} {v}" for k, v in info["packages"].items() if v)
     gpu = f", GPU {info['gpu']}" if info.get("gpu") else ", no GPU"
     return f"{info['cpu']}, {info['cores']} cores{gpu}, load {info['load_average_1_5_15']}; {packages}"
+
+
+def save_report(report: dict, path) -> None:
+    """Print the machine a report was measured on, then write the report as JSON to `path`."""
+    import json
+    from pathlib import Path
+
+    print(machine_line(report["machine"]))
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(report, indent=1) + "\n")

@@ -24,7 +24,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from machine import describe_machine, machine_line  # noqa: E402
+from machine import describe_machine, save_report  # noqa: E402
 
 
 def rss_mb() -> float:
@@ -84,9 +84,7 @@ def main(argv=None) -> dict:
                                                                          f"{run.stderr[-300:]}"}
         report["ways"].append(result)
         print(result, flush=True)
-    print(machine_line(report["machine"]))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=1) + "\n")
+    save_report(report, args.out)
     return report
 
 
