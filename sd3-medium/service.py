@@ -15,11 +15,12 @@ from fastapi import FastAPI
 from starlette.responses import JSONResponse, Response
 
 from sd3_service.answers import AnswerBook
-from sd3_service.contract import ImageParameters, PredictRequest, PredictResponse
+from sd3_service.contract import Img2ImgParameters, ImageParameters, PredictRequest, PredictResponse
 from sd3_service.device_pool import DevicePool, NotReady, QueueFull
 from sd3_service.engine import Engine
-from sd3_service.http_errors import RequestGuard, error_response
+from sd3_service.http_errors import RequestGuard, error_response, validated_body
 from sd3_service.image_writer import ImageWriter
+from sd3_service.inputs import InputError, InputReader
 from sd3_service.model_loading import load_weights, place_pipeline, resolve_devices
 from sd3_service.openapi import ApiDocuments, api_document
 from sd3_service.settings import Settings
@@ -51,7 +52,33 @@ def build_engine(settings: Settings) -> Engine:
                       load_weights=lambda devices: load_weights(settings, devices),
                       place=lambda weights, device, copy: place_pipeline(weights, device, settings, copy),
                       max_queue=settings.max_queue)
-    return Engine(pool, ImageWriter.from_settings(settings), AnswerBook(settings.idempotency_cache_size))
+    writer = ImageWriter.from_settings(settings)
+    return Engine(pool, writer, AnswerBook(settings.idempotency_cache_size), input_reader(settings, writer))
+
+
+def input_reader(settings: Settings, writer: ImageWriter) -> InputReader:
+    """Reads `oci://` inputs with the image store's own client when there is one, else with one of its own."""
+    allowed = settings.allowed_input_buckets
+    if not allowed:
+        return InputReader()
+    from sd3_service.object_storage import ObjectStorageStore
+
+    store = writer.store.store
+    return InputReader(allowed, store if isinstance(store, ObjectStorageStore) else
+                       ObjectStorageStore.from_settings(settings))
+
+
+def as_sent(fields: dict) -> PredictRequest:
+    """The request as the client sent it: BentoML passes every field, defaults included, but an input image sets
+    the output size only where the client sent none, so the body the guard validated is what counts."""
+    # The request being served, from BentoML's context (a `ctx` parameter would have BentoML overwrite the
+    # status of every Response a route returns with the context's, 200).
+    sent = validated_body(SD3Medium.context.request.scope)
+    if isinstance(sent, PredictRequest):
+        return sent
+    if sent is not None:  # /txt2img, /img2img: the same fields, fewer of them
+        return PredictRequest.model_validate(sent.model_dump(exclude_unset=True))
+    return PredictRequest(**fields)
 
 
 @bentoml.service(
@@ -79,8 +106,8 @@ class SD3Medium:
 
     @bentoml.api(route=PREDICT_ROUTE, input_spec=PredictRequest, output_spec=PredictResponse)
     async def predict(self, **fields) -> PredictResponse:
-        """Generate images from a prompt, store them, and answer where they are."""
-        outcome = await self._run(PredictRequest(**fields))
+        """Generate images (from a prompt, or a starting image), store them, and answer where they are."""
+        outcome = await self._run(as_sent(fields))
         if isinstance(outcome, Response):
             return outcome
         return JSONResponse(outcome.response.model_dump(mode="json", exclude_none=False))
@@ -88,7 +115,15 @@ class SD3Medium:
     @bentoml.api(route="/txt2img", input_spec=ImageParameters)
     async def txt2img(self, **fields) -> bytes:
         """Generate one image and answer its bytes (for local use; the image is stored too)."""
-        outcome = await self._run(PredictRequest(**fields))
+        return self._image_bytes(await self._run(as_sent(fields)))
+
+    @bentoml.api(route="/img2img", input_spec=Img2ImgParameters)
+    async def img2img(self, **fields) -> bytes:
+        """Repaint a starting image (inpaint with a mask) and answer the image's bytes (local use; it is stored too)."""
+        return self._image_bytes(await self._run(as_sent(fields)))
+
+    @staticmethod
+    def _image_bytes(outcome):
         if isinstance(outcome, Response):
             return outcome
         file = outcome.files[0]
@@ -99,6 +134,10 @@ class SD3Medium:
     async def _run(self, request: PredictRequest):
         try:
             return await self.engine.run(request)
+        except InputError as exc:
+            headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after else None
+            problems = [{"field": exc.field, "message": str(exc)}] if exc.status == 400 else None
+            return error_response(exc.status, exc.code, str(exc), field=exc.field, headers=headers, problems=problems)
         except NotReady as exc:
             return error_response(503, "not_ready", str(exc), headers={"Retry-After": "10"})
         except QueueFull as exc:
@@ -114,6 +153,6 @@ SD3Medium.add_asgi_middleware(
 )
 SD3Medium.add_asgi_middleware(
     RequestGuard,
-    models={PREDICT_ROUTE: PredictRequest, "/txt2img": ImageParameters},
+    models={PREDICT_ROUTE: PredictRequest, "/txt2img": ImageParameters, "/img2img": Img2ImgParameters},
     max_body_bytes=SETTINGS.max_body_bytes,
 )

@@ -5,12 +5,52 @@ The OpenAPI page, request validation and the README's tables all come from these
 
 from __future__ import annotations
 
-from typing import Literal
+import base64
+import binascii
+import re
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 MAX_SEED = 2**32 - 1
 CONTENT_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
+MIN_SIDE, MAX_SIDE = 256, 1536  # pixels, for generated images and for input images alike
+OCI_URI = re.compile(r"^oci://(?P<bucket>[A-Za-z0-9._-]{1,256})@(?P<namespace>[A-Za-z0-9_-]{1,128})/(?P<name>[^\x00]{1,1024})$")
+DATA_URL = re.compile(r"^data:(?P<media>[\w.+-]+/[\w.+-]+)?(?:;[\w-]+=[\w.-]+)*;base64,", re.ASCII)
+_WHITESPACE = re.compile(r"\s+")
+
+
+def base64_payload(text: str) -> str:
+    """The base64 part of an image field (a `data:` URL's tail, or the text itself), without whitespace."""
+    match = DATA_URL.match(text)
+    return _WHITESPACE.sub("", text[match.end():] if match else text)
+
+
+def _image_form(text: str) -> str:
+    """An image field is `oci://bucket@namespace/object`, a base64 `data:` URL, or raw base64 (checked here;
+    whether the bytes are an image is checked when the request is prepared, see `inputs.py`)."""
+    if text.startswith("oci://"):
+        if not OCI_URI.match(text):
+            raise ValueError("not an Object Storage URI: use oci://<bucket>@<namespace>/<object name>")
+        return text
+    if text.startswith("data:") and not DATA_URL.match(text):
+        raise ValueError("a data: URL must be base64, as data:image/png;base64,<data>")
+    payload = base64_payload(text)
+    try:
+        if not payload or len(base64.b64decode(payload, validate=True)) == 0:
+            raise ValueError
+    except (binascii.Error, ValueError):
+        raise ValueError("not base64: send the image file's bytes in base64 (raw or as a data: URL), "
+                         "or an oci://<bucket>@<namespace>/<object name> URI") from None
+    return text
+
+
+ImageInput = Annotated[str, AfterValidator(_image_form)]
+IMAGE_FORMS = ("base64 of a PNG, JPEG or WebP file (raw, or a `data:image/...;base64,` URL), or "
+               "`oci://<bucket>@<namespace>/<object>` read with the service's own credentials from an allowed "
+               f"bucket (`INPUT_BUCKETS`). {MIN_SIDE} to {MAX_SIDE} pixels a side.")
+
+_SIZE_NOTE = " With `image` and no size given: the input's size, rounded down to a multiple of 16."
 
 
 class ImageParameters(BaseModel):
@@ -23,8 +63,10 @@ class ImageParameters(BaseModel):
     negative_prompt: str | None = Field(None, max_length=2000, description="What to keep out of the image.")
     num_inference_steps: int = Field(28, ge=1, le=50, description="Denoising steps; more is slower and finer.")
     guidance_scale: float = Field(7.0, ge=0, le=20, description="How strongly to follow the prompt (CFG).")
-    width: int = Field(1024, ge=256, le=1536, multiple_of=16, description="Image width in pixels, a multiple of 16.")
-    height: int = Field(1024, ge=256, le=1536, multiple_of=16, description="Image height in pixels, a multiple of 16.")
+    width: int = Field(1024, ge=MIN_SIDE, le=MAX_SIDE, multiple_of=16,
+                       description="Image width in pixels, a multiple of 16." + _SIZE_NOTE)
+    height: int = Field(1024, ge=MIN_SIDE, le=MAX_SIDE, multiple_of=16,
+                        description="Image height in pixels, a multiple of 16." + _SIZE_NOTE)
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="Random seed; the same seed and parameters give the same image. Null picks one.")
     output_format: Literal["png", "jpeg", "webp"] = Field("png", description="Image file format.")
 
@@ -36,14 +78,58 @@ class ImageParameters(BaseModel):
         return prompt
 
 
+def _mask_needs_image(mask: str | None, info: ValidationInfo) -> str | None:
+    if mask is not None and info.data.get("image") is None:
+        raise ValueError("needs a valid `image` beside it: inpainting repaints the mask's white area "
+                         "of that image")
+    return mask
+
+
+def _strength_needs_image(strength: float, info: ValidationInfo) -> float:
+    # Runs only for a strength the client sent: one without an image would be silently ignored.
+    if info.data.get("image") is None:
+        raise ValueError("applies only with `image` (how much of it to repaint)")
+    return strength
+
+
+_STRENGTH = Field(0.8, gt=0, le=1, description="How much of `image` to repaint, 0 < strength <= 1 (1 ignores it); "
+                                                "only with `image`.")
+_MASK = Field(None, description="With `image`: repaint only the mask's white area (inpainting); the same forms as "
+                                "`image`, and the same size as it.")
+
+
+class Img2ImgParameters(ImageParameters):
+    """Repaint a starting image (the body of `POST /img2img`): `image` is required."""
+
+    image: ImageInput = Field(..., description="The starting image: " + IMAGE_FORMS)
+    strength: float = _STRENGTH
+    mask_image: ImageInput | None = _MASK
+
+    _mask_needs_image = field_validator("mask_image")(_mask_needs_image)
+
+
 class PredictRequest(ImageParameters):
-    """A text-to-image request (the body of `POST /predict`); every field but `prompt` is optional."""
+    """A request to `POST /predict`: text to image, or image to image with `image`, or inpainting with
+    `image` and `mask_image`. Every field but `prompt` is optional."""
 
     num_images: int = Field(1, ge=1, le=4, description="How many images to generate from the prompt.")
     request_id: str | None = Field(
         None, pattern=r"^[A-Za-z0-9_-]{1,64}$",
         description="Idempotency key: the same id sent again returns the first answer. Null lets the server make one.",
     )
+    image: ImageInput | None = Field(None, description="Start from this image (image to image): " + IMAGE_FORMS)
+    strength: float = _STRENGTH
+    mask_image: ImageInput | None = _MASK
+
+    _mask_needs_image = field_validator("mask_image")(_mask_needs_image)
+    _strength_needs_image = field_validator("strength")(_strength_needs_image)
+
+    @property
+    def mode(self) -> str:
+        """`txt2img`, `img2img` or `inpaint`: which pipeline serves the request."""
+        if self.image is None:
+            return "txt2img"
+        return "img2img" if self.mask_image is None else "inpaint"
 
 
 class StoredImage(BaseModel):

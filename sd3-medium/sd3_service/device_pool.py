@@ -20,6 +20,7 @@ from typing import Any
 
 from sd3_service.contract import PredictRequest
 from sd3_service.generation import generate_images, generation_arguments
+from sd3_service.inputs import NO_INPUTS, Inputs
 from sd3_service.model_loading import LoadedPipeline, LoadedWeights
 
 log = logging.getLogger("sd3.pool")
@@ -75,6 +76,7 @@ class _Job:
     request: PredictRequest
     request_id: str
     seed: int
+    inputs: Inputs
     future: asyncio.Future
     loop: asyncio.AbstractEventLoop
     admitted: float = field(default_factory=time.perf_counter)
@@ -177,7 +179,8 @@ class DevicePool:
         started = time.perf_counter()
         log.info("[%s] Generating on %s", job.request_id, device.label)
         try:
-            images = generate_images(device.pipeline.pipe, seed=job.seed, **generation_arguments(job.request))
+            images = generate_images(device.pipeline.for_mode(job.request.mode), seed=job.seed,
+                                     **generation_arguments(job.request, job.inputs))
         except BaseException as exc:  # noqa: BLE001 - the caller gets the error; the worker decides whether to go on
             job.loop.call_soon_threadsafe(_settle, job.future, None, exc)
             if is_device_failure(exc):
@@ -190,9 +193,9 @@ class DevicePool:
         finished = time.perf_counter()
         # Logged here, before this device takes its next job: the log's order is the devices' order.
         request = job.request
-        log.info("[%s] Generated %d image(s) %dx%d, %d steps, seed %d on %s in %.0f ms", job.request_id, len(images),
-                 request.width, request.height, request.num_inference_steps, job.seed, device.label,
-                 (finished - started) * 1000)
+        log.info("[%s] Generated %d image(s) %dx%d (%s), %d steps, seed %d on %s in %.0f ms", job.request_id,
+                 len(images), request.width, request.height, request.mode, request.num_inference_steps, job.seed,
+                 device.label, (finished - started) * 1000)
         self._seconds_per_generation = 0.8 * self._seconds_per_generation + 0.2 * (finished - started)
         generated = Generated(images=images, device=device.label, queue_seconds=started - job.admitted,
                               generate_seconds=finished - started)
@@ -257,10 +260,16 @@ class DevicePool:
             raise QueueFull(self.retry_after())
         self._admitted += 1
 
-    async def generate(self, request: PredictRequest, request_id: str, seed: int) -> Generated:
+    def withdraw(self) -> None:
+        """Count out an admitted request that will not `generate` after all (say, its input image was refused)."""
+        self._admitted -= 1
+
+    async def generate(self, request: PredictRequest, request_id: str, seed: int,
+                       inputs: Inputs = NO_INPUTS) -> Generated:
         """Generate on the first free device; the request must have been admitted."""
         loop = asyncio.get_running_loop()
-        job = _Job(request=request, request_id=request_id, seed=seed, future=loop.create_future(), loop=loop)
+        job = _Job(request=request, request_id=request_id, seed=seed, inputs=inputs, future=loop.create_future(),
+                    loop=loop)
         try:
             if not self.ready_count():  # every device failed since admission
                 raise NotReady(self.error())

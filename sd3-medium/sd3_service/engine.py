@@ -18,6 +18,7 @@ from sd3_service.contract import MAX_SEED, PredictRequest, PredictResponse
 from sd3_service.device_pool import DevicePool, NotReady
 from sd3_service.generation import EncodedImage
 from sd3_service.image_writer import ImageWriter
+from sd3_service.inputs import NO_INPUTS, InputReader
 
 log = logging.getLogger("sd3.engine")
 
@@ -50,13 +51,16 @@ class Engine:
         pool: the devices that generate.
         writer: encodes and stores the images.
         answers: answers by request id.
-        io_threads: threads that encode and store images.
+        inputs: reads and checks starting images (image to image, inpainting).
+        io_threads: threads that read inputs, and encode and store images.
     """
 
-    def __init__(self, pool: DevicePool, writer: ImageWriter, answers: AnswerBook, io_threads: int = 4):
+    def __init__(self, pool: DevicePool, writer: ImageWriter, answers: AnswerBook,
+                 inputs: InputReader | None = None, io_threads: int = 4):
         self.pool = pool
         self.writer = writer
         self.answers = answers
+        self.inputs = inputs or InputReader()
         self._io = ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="sd3-io")
         self._running: set[asyncio.Future] = set()  # strong references: the loop keeps only weak ones
 
@@ -97,11 +101,20 @@ class Engine:
         return await asyncio.shield(work)
 
     async def _serve(self, request: PredictRequest, request_id: str) -> Generation:
+        loop = asyncio.get_running_loop()
+        inputs = NO_INPUTS
+        if request.image is not None:
+            try:  # here, inside the tracked work: a repeat of this id waits for it rather than decoding again
+                request, inputs = await loop.run_in_executor(self._io, self.inputs.prepare, request)
+            except BaseException:
+                self.pool.withdraw()
+                raise
         seed = request.seed if request.seed is not None else secrets.randbelow(MAX_SEED + 1)
-        generated = await self.pool.generate(request, request_id, seed)
+        generated = await self.pool.generate(request, request_id, seed, inputs)
         model = self.pool.model()
-        written = await asyncio.get_running_loop().run_in_executor(
-            self._io, self.writer.write, request, request_id, seed, generated.images, model[0] if model else "")
+        written = await loop.run_in_executor(
+            self._io, self.writer.write, request, request_id, seed, generated.images, model[0] if model else "",
+            inputs)
         response = PredictResponse(
             request_id=request_id,
             seed=seed,

@@ -13,6 +13,8 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 from starlette.responses import JSONResponse
 
+VALIDATED_BODY = "sd3.validated_body"  # where RequestGuard leaves the validated body in the request's state
+
 
 def error_response(status: int, code: str, message: str, field: str | None = None,
                    problems: list[dict] | None = None, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -35,8 +37,8 @@ def describe_validation_error(exc: ValidationError) -> list[dict]:
             message = f"unknown field '{field}'"
         elif error["type"] == "missing":
             message = f"'{field}' is required"
-        else:
-            message = f"{field}: {error['msg']}"
+        else:  # pydantic prefixes our own validators' messages with "Value error, "
+            message = f"{field}: {error['msg'].removeprefix('Value error, ')}"
         problems.append({"field": field, "message": message})
     return problems
 
@@ -85,9 +87,12 @@ class RequestGuard:
             more = message.get("more_body", False)
         body = b"".join(chunks)
 
-        rejection = self._check(body, model)
-        if rejection is not None:
-            return await rejection(scope, receive, send)
+        validated = self._check(body, model)
+        if isinstance(validated, JSONResponse):
+            return await validated(scope, receive, send)
+        # The route reads the request as validated here: which fields the client sent matters (an image's
+        # size is the default size only when no size was sent), and BentoML passes every field.
+        scope.setdefault("state", {})[VALIDATED_BODY] = validated
 
         replayed = False
 
@@ -105,7 +110,7 @@ class RequestGuard:
         await self.app({**scope, "headers": headers}, replay, send)
 
     @staticmethod
-    def _check(body: bytes, model: type[BaseModel]) -> JSONResponse | None:
+    def _check(body: bytes, model: type[BaseModel]) -> JSONResponse | BaseModel:
         try:
             payload = json.loads(body)
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -113,7 +118,11 @@ class RequestGuard:
         if not isinstance(payload, dict):
             return error_response(400, "invalid_input", "the body must be a JSON object", field="body")
         try:
-            model.model_validate(payload)
+            return model.model_validate(payload)
         except ValidationError as exc:
             return invalid_input(describe_validation_error(exc), allowed=list(model.model_fields))
-        return None
+
+
+def validated_body(scope: dict) -> BaseModel | None:
+    """The body `RequestGuard` validated for this request (None when the guard did not see it)."""
+    return scope.get("state", {}).get(VALIDATED_BODY)

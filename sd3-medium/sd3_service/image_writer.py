@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from sd3_service.contract import PredictRequest, PredictResponse, StoredImage
 from sd3_service.generation import EncodedImage, encode_image
+from sd3_service.inputs import NO_INPUTS, Inputs
 from sd3_service.naming import image_name, sidecar_name
 from sd3_service.spool import Spool, SpoolingStore
 from sd3_service.store import ImageObject, ImageStore, LocalFolderStore
@@ -69,13 +70,14 @@ class ImageWriter:
     def describe(self) -> dict:
         return self.store.describe()
 
-    def write(self, request: PredictRequest, request_id: str, seed: int, images: list, model: str) -> Written:
-        """Encode and store `images`, generated for `request` with `seed` by `model`."""
+    def write(self, request: PredictRequest, request_id: str, seed: int, images: list, model: str,
+              inputs: Inputs = NO_INPUTS) -> Written:
+        """Encode and store `images`, generated for `request` with `seed` (and `inputs`) by `model`."""
         began = time.perf_counter()
         files = [encode_image(image, request.output_format) for image in images]
         encoded = time.perf_counter()
         now = dt.datetime.now(dt.timezone.utc)
-        metadata = image_metadata(request, seed, model)
+        metadata = image_metadata(request, seed, model, inputs)
         stored = []
         for index, file in enumerate(files):
             image = ImageObject(name=image_name(self.object_prefix, request_id, index, file.extension, now),
@@ -90,7 +92,7 @@ class ImageWriter:
                 data=None if result.stored else base64.b64encode(file.data).decode("ascii"),
             ))
         if self.store_params:
-            self._store_sidecar(request, request_id, seed, stored, metadata, model, now)
+            self._store_sidecar(request, request_id, seed, stored, metadata, model, now, inputs)
         return Written(files=files, images=stored, encode_seconds=encoded - began,
                        store_seconds=time.perf_counter() - encoded)
 
@@ -105,14 +107,19 @@ class ImageWriter:
                 update={"stored": True, "data": None, "uri": where.uri, "url": where.url}))
         return response.model_copy(update={"images": images})
 
-    def _store_sidecar(self, request, request_id, seed, stored, metadata, model, now) -> None:
+    def _store_sidecar(self, request, request_id, seed, stored, metadata, model, now, inputs) -> None:
         """Store `<request_id>.json`: the body that reproduces these images, and what they are."""
+        # Sent back to /predict as the body (with the same `image` and `mask_image`, which are described in
+        # `inputs` but never copied here), this makes the same images on the same hardware and software.
+        parameters = request.model_dump(mode="json", exclude={"request_id", "image", "mask_image"}) | {"seed": seed}
+        if request.image is None:
+            del parameters["strength"]
         record = {
             "request_id": request_id,
             "created": now.isoformat(),
             "model": model,
-            # Sent back to /predict as the body, this makes the same images (same hardware and software).
-            "parameters": request.model_dump(mode="json", exclude={"request_id"}) | {"seed": seed},
+            "parameters": parameters,
+            "inputs": inputs.describe(),
             "images": [{"object_name": s.object_name, "sha256": s.sha256, "bytes": s.bytes} for s in stored],
         }
         self.store.put(ImageObject(name=sidecar_name(self.object_prefix, request_id, now),
@@ -120,9 +127,9 @@ class ImageWriter:
                                    metadata=metadata, request_id=request_id))
 
 
-def image_metadata(request: PredictRequest, seed: int, model: str) -> dict[str, str]:
-    """Generation parameters stored with each image (never the prompt text itself)."""
-    return {
+def image_metadata(request: PredictRequest, seed: int, model: str, inputs: Inputs = NO_INPUTS) -> dict[str, str]:
+    """Generation parameters stored with each image (never the prompt text, never an input image's bytes)."""
+    metadata = {
         "seed": str(seed),
         "steps": str(request.num_inference_steps),
         "guidance": str(request.guidance_scale),
@@ -130,4 +137,12 @@ def image_metadata(request: PredictRequest, seed: int, model: str) -> dict[str, 
         "height": str(request.height),
         "model": model,
         "prompt-sha256": hashlib.sha256(request.prompt.encode()).hexdigest(),
+        "mode": request.mode,
     }
+    if inputs.image is not None:
+        metadata.update({"strength": str(inputs.strength), "input-sha256": inputs.image.sha256,
+                         "input-bytes": str(inputs.image.bytes),
+                         "input-size": f"{inputs.image.width}x{inputs.image.height}"})
+    if inputs.mask is not None:
+        metadata.update({"mask-sha256": inputs.mask.sha256, "mask-bytes": str(inputs.mask.bytes)})
+    return metadata

@@ -30,10 +30,18 @@ class ModelSource:
 
 @dataclass
 class LoadedPipeline:
+    """A device's pipelines: text to image (`pipe`), and image to image and inpainting made from its components."""
+
     pipe: Any
     source: ModelSource
     device: str
     dtype: str
+    img2img: Any = None
+    inpaint: Any = None
+
+    def for_mode(self, mode: str):
+        """The pipeline for a request's `mode`: `txt2img`, `img2img` or `inpaint`."""
+        return {"txt2img": self.pipe, "img2img": self.img2img, "inpaint": self.inpaint}[mode]
 
 
 def resolve_model_source(setting: str, artifact_dir: Path, cuda_available: bool) -> ModelSource:
@@ -75,6 +83,25 @@ def resolve_dtype(setting: str, devices: list[str]) -> str:
 
 
 WITHOUT_T5 = {"text_encoder_3": None, "tokenizer_3": None}  # SD3_T5=false: the pipeline feeds zeros instead
+
+
+def image_pipelines(pipe) -> tuple[Any, Any]:
+    """The image-to-image and inpainting pipelines over `pipe`'s own components: no weight is copied.
+
+    Like diffusers' `from_pipe`, but without its final `.to(dtype)`, which would cast the shared modules (and
+    with them `pipe`) to one dtype, undoing what loading kept in float32.
+    """
+    import inspect
+
+    from diffusers import StableDiffusion3Img2ImgPipeline, StableDiffusion3InpaintPipeline
+
+    made = []
+    for pipeline_class in (StableDiffusion3Img2ImgPipeline, StableDiffusion3InpaintPipeline):
+        accepted = inspect.signature(pipeline_class.__init__).parameters
+        made.append(pipeline_class(**{name: component for name, component in pipe.components.items()
+                                      if name in accepted}))
+        made[-1].set_progress_bar_config(disable=True)
+    return made[0], made[1]
 
 
 def drop_t5(pipe):
@@ -154,9 +181,11 @@ def place_pipeline(weights: LoadedWeights, device: str, settings: Settings, copy
         pipe.transformer.fuse_qkv_projections()
     if settings.sd3_compile:
         pipe.transformer.compile()  # compiles on the first call per input shape: the warm-up pays for 1024x1024
+    img2img, inpaint = image_pipelines(pipe)  # after the options above, so they share them too
     log.info("Pipeline on %s: T5 %s, offload %s, fused QKV %s, compiled %s", device, settings.sd3_t5,
              settings.sd3_offload, settings.sd3_fuse_qkv, settings.sd3_compile)
-    return LoadedPipeline(pipe=pipe, source=weights.source, device=device, dtype=weights.dtype)
+    return LoadedPipeline(pipe=pipe, source=weights.source, device=device, dtype=weights.dtype,
+                          img2img=img2img, inpaint=inpaint)
 
 
 def load_pipeline(settings: Settings, device: str | None = None) -> LoadedPipeline:

@@ -20,7 +20,7 @@ from urllib.parse import quote
 
 import oci
 
-from sd3_service.store import ImageObject, Location, StoreError
+from sd3_service.store import ImageObject, Location, ObjectRefused, StoreError
 
 log = logging.getLogger("sd3.store")
 
@@ -187,6 +187,43 @@ class ObjectStorageStore:
         if self.return_url:
             where = replace(where, url=self._link(client, image.name, self._remaining(started)))
         return where
+
+    def read(self, namespace: str, bucket: str, name: str, max_bytes: int) -> bytes:
+        """An object's bytes (an input image), at most `max_bytes`, with the same credential and retries as `put`.
+
+        Raises `ObjectRefused` when Object Storage answers no (404, 403, 401, 400: retrying will not help) or
+        the object is larger than `max_bytes`; `StoreError` when it cannot be reached.
+        """
+        started = time.monotonic()
+        where = f"oci://{bucket}@{namespace}/{name}"
+        try:
+            response = self.client().get_object(namespace, bucket, name,
+                                                retry_strategy=retry_strategy(self.timeout_seconds))
+        except oci.exceptions.ServiceError as exc:
+            if exc.status in (400, 401, 403, 404):
+                raise ObjectRefused(exc.status, f"Object Storage answered {_service_answer(exc)} for {where}"
+                                    + (" (the object does not exist, or the policy does not let this deployment "
+                                       "read it)" if exc.status == 404 else "")) from None
+            raise StoreError(self._explain(exc)) from None
+        except SDK_FAILURES as exc:
+            raise StoreError(self._explain(exc)) from None
+        stream = response.data
+        try:
+            declared = int(response.headers.get("content-length") or 0)
+            if declared > max_bytes:
+                raise ObjectRefused(413, f"{where} is {declared} bytes; inputs may be at most {max_bytes}")
+            data = bytearray()
+            for chunk in stream.iter_content(1 << 16):
+                data += chunk
+                if len(data) > max_bytes:
+                    raise ObjectRefused(413, f"{where} is over {max_bytes} bytes; inputs may be at most that")
+                if time.monotonic() - started > self.timeout_seconds:
+                    raise StoreError(f"reading {where} took over {self.timeout_seconds:.0f} s")
+        except SDK_FAILURES as exc:
+            raise StoreError(self._explain(exc)) from None
+        finally:
+            stream.close()
+        return bytes(data)
 
     def client(self):
         """The SDK client, built on first use (the credential is loaded then, not at import)."""

@@ -34,6 +34,10 @@ class Settings(BaseSettings):
     bucket_name: str | None = Field(None, description="store images in this Object Storage bucket when set")
     namespace: str | None = Field(None, description="Object Storage namespace; looked up with the signer when unset")
     object_prefix: str = Field("sd3/", description="prefix of every object name")
+    input_buckets: str | None = Field(
+        None, pattern=r"^[A-Za-z0-9._-]+(,[A-Za-z0-9._-]+)*$",
+        description="comma list of the buckets `oci://` input images may be read from (with the service's own "
+                    "credentials, which need `read objects` there); BUCKET_NAME when unset")
     oci_auth: Literal["resource_principal", "instance_principal", "api_key", "security_token"] = Field(
         "resource_principal", description="how the service signs Object Storage calls")
     oci_profile: str = Field("DEFAULT", description="profile of the OCI config file, for `api_key`/`security_token`")
@@ -59,6 +63,12 @@ class Settings(BaseSettings):
     max_queue: int = Field(4, ge=0, description="requests waiting for a device beyond the one running on each; "
                                                 "more get 429")
     idempotency_cache_size: int = Field(1024, ge=0, description="answers remembered by request_id")
+
+    @property
+    def allowed_input_buckets(self) -> frozenset[str]:
+        if self.input_buckets is not None:
+            return frozenset(self.input_buckets.split(","))
+        return frozenset({self.bucket_name} if self.bucket_name else ())
 
     @field_validator("model_deploy_predict_endpoint", "model_deploy_health_endpoint")
     @classmethod

@@ -17,6 +17,18 @@ class StoreError(Exception):
     """Storing an image failed; the caller keeps the bytes."""
 
 
+class ObjectRefused(Exception):
+    """The store answered that an object cannot be read (missing, not allowed, too large): retrying will not help.
+
+    Args:
+        status: the HTTP status that says why (404, 403, 401, 400; 413 for an object over the size limit).
+    """
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
 @dataclass(frozen=True)
 class ImageObject:
     """An encoded image ready to be stored, with the name the server chose for it."""
