@@ -85,15 +85,16 @@ def _mask_needs_image(mask: str | None, info: ValidationInfo) -> str | None:
     return mask
 
 
-def _strength_needs_image(strength: float, info: ValidationInfo) -> float:
+def _check_strength(strength: float, info: ValidationInfo) -> float:
     # Runs only for a strength the client sent: one without an image would be silently ignored.
     if info.data.get("image") is None:
         raise ValueError("applies only with `image` (how much of it to repaint)")
     return strength
 
 
-_STRENGTH = Field(0.8, gt=0, le=1, description="How much of `image` to repaint, 0 < strength <= 1 (1 ignores it); "
-                                                "only with `image`.")
+_STRENGTH = Field(0.8, gt=0, le=1, description="How much of `image` to repaint, 0 < strength <= 1 (1 ignores it): "
+                                                "the last strength x num_inference_steps steps run, at least one. "
+                                                "Only with `image`.")
 _MASK = Field(None, description="With `image`: repaint only the mask's white area (inpainting); the same forms as "
                                 "`image`, and the same size as it.")
 
@@ -106,6 +107,7 @@ class Img2ImgParameters(ImageParameters):
     mask_image: ImageInput | None = _MASK
 
     _mask_needs_image = field_validator("mask_image")(_mask_needs_image)
+    _check_strength = field_validator("strength")(_check_strength)
 
 
 class PredictRequest(ImageParameters):
@@ -122,7 +124,7 @@ class PredictRequest(ImageParameters):
     mask_image: ImageInput | None = _MASK
 
     _mask_needs_image = field_validator("mask_image")(_mask_needs_image)
-    _strength_needs_image = field_validator("strength")(_strength_needs_image)
+    _check_strength = field_validator("strength")(_check_strength)
 
     @property
     def mode(self) -> str:
@@ -169,7 +171,7 @@ class Problem(BaseModel):
 
 class ErrorDetail(BaseModel):
     code: str = Field(..., description="`invalid_input`, `malformed_json`, `payload_too_large`, `queue_full`, "
-                                       "`not_ready`, `internal_error`")
+                                       "`not_ready`, `input_not_found`, `input_unavailable`, `internal_error`")
     message: str = Field(..., description="what is wrong and what is allowed")
     field: str | None = Field(..., description="the (first) offending field; null when no field is at fault")
     problems: list[Problem] | None = Field(None, description="every invalid field, for `invalid_input`")

@@ -77,9 +77,16 @@ def generation_arguments(request: PredictRequest, inputs: Inputs = NO_INPUTS) ->
                  "num_inference_steps": request.num_inference_steps, "guidance_scale": request.guidance_scale,
                  "width": request.width, "height": request.height, "num_images": request.num_images}
     if inputs.image is not None:
-        arguments.update(image=inputs.image.pixels, strength=inputs.strength,
+        arguments.update(image=inputs.image.pixels, strength=at_least_one_step(inputs.strength,
+                                                                               request.num_inference_steps),
                          mask_image=inputs.mask.pixels if inputs.mask is not None else None)
     return arguments
+
+
+def at_least_one_step(strength: float, steps: int) -> float:
+    """`strength`, or the least one that repaints one step where it would repaint none (the pipelines run the
+    last `steps - int(steps - steps * strength)` steps, and refuse to run zero)."""
+    return strength if steps - int(max(steps - steps * strength, 0)) >= 1 else 1 / steps
 
 
 def encode_png(image) -> bytes:

@@ -16,15 +16,16 @@ from pydantic import BaseModel
 from starlette.responses import JSONResponse, RedirectResponse
 
 from sd3_service import __version__
-from sd3_service.contract import (CONTENT_TYPES, ErrorResponse, HealthResponse, ImageParameters, PredictRequest,
-                                  PredictResponse)
+from sd3_service.contract import (CONTENT_TYPES, ErrorResponse, HealthResponse, ImageParameters, Img2ImgParameters,
+                                  PredictRequest, PredictResponse)
 
 OPENAPI_VERSION = "3.0.2"
 DOCUMENT_ROUTES = ("/docs.json", "/openapi.json")
 DESCRIPTION = """\
-Stable Diffusion 3 Medium, text to image. `POST /predict` generates, stores every image (an OCI Object
-Storage bucket, or a local folder) and answers where each one is; `GET /health` says whether the model
-is loaded. Every error is JSON `{"error": {"code", "message", "field", "problems"}}`. A request with a
+Stable Diffusion 3 Medium: text to image, image to image and inpainting. `POST /predict` generates (from a
+prompt, or from a starting `image`, repainting only the white area of a `mask_image` if one is sent), stores
+every image (an OCI Object Storage bucket, or a local folder) and answers where each one is; `GET /health`
+says whether the model is loaded. Every error is JSON `{"error": {"code", "message", "field", "problems"}}`. A request with a
 `request_id` can be sent again safely: the same id answers the first answer without generating again.
 """
 _REF = "#/components/schemas/{model}"
@@ -50,6 +51,9 @@ def _openapi_30(schema: Any) -> Any:
         schema["nullable"] = True
     if "const" in schema:
         schema["enum"] = [schema.pop("const")]
+    for bound, inclusive in (("exclusiveMinimum", "minimum"), ("exclusiveMaximum", "maximum")):
+        if isinstance(schema.get(bound), (int, float)) and not isinstance(schema[bound], bool):
+            schema[inclusive], schema[bound] = schema[bound], True  # 3.0 writes `> 0` as minimum 0, exclusive
     return schema
 
 
@@ -71,15 +75,21 @@ def _error(description: str, headers: dict | None = None) -> dict[str, Any]:
     return response
 
 
-def _errors() -> dict[str, Any]:
-    """What a generating route answers besides 200."""
-    return {
+def _errors(inputs: bool = False) -> dict[str, Any]:
+    """What a generating route answers besides 200; `inputs`: it takes starting images, maybe from a bucket."""
+    errors = {
         "400": _error("`invalid_input` (every invalid field in `problems`) or `malformed_json`"),
         "413": _error("`payload_too_large`: the body is over the size limit (10 MB)"),
         "429": _error("`queue_full`: more requests wait than the queue holds", _RETRY_AFTER),
         "500": _error("`internal_error`: a bug; the server log has the details"),
-        "503": _error("`not_ready`: the model is loading, or failed to load (see the health route)", _RETRY_AFTER),
+        "503": _error("`not_ready`: the model is loading, or failed to load (see the health route)"
+                      + ("; `input_unavailable`: Object Storage cannot be reached to read an `oci://` input"
+                         if inputs else ""), _RETRY_AFTER),
     }
+    if inputs:
+        errors["404"] = _error("`input_not_found`: an `oci://` input does not exist, or this deployment may not "
+                               "read it; `field` names which")
+    return dict(sorted(errors.items()))
 
 
 def _json_body(reference: dict[str, str]) -> dict[str, Any]:
@@ -103,7 +113,7 @@ def api_document(bentoml_paths: dict[str, Any], predict_route: str, health_route
         "responses": {"200": {"description": "the generated images and where they are stored",
                               "content": {"application/json": {
                                   "schema": _component(PredictResponse, "serialization", schemas)}}},
-                      **_errors()},
+                      **_errors(inputs=True)},
     }}
     paths["/txt2img"] = {"post": {
         "operationId": "txt2img",
@@ -114,6 +124,17 @@ def api_document(bentoml_paths: dict[str, Any], predict_route: str, health_route
                                           "X-Seed": {"schema": {"type": "integer"}}},
                               "content": {media: image_bytes for media in CONTENT_TYPES.values()}},
                       **_errors()},
+    }}
+    paths["/img2img"] = {"post": {
+        "operationId": "img2img",
+        "summary": "Repaint a starting image (only a mask's white area, with `mask_image`) and answer the image's "
+                   "bytes (it is stored too)",
+        "requestBody": _json_body(_component(Img2ImgParameters, "validation", schemas)),
+        "responses": {"200": {"description": "the image, in the requested `output_format`",
+                              "headers": {"X-Request-Id": {"schema": {"type": "string"}},
+                                          "X-Seed": {"schema": {"type": "integer"}}},
+                              "content": {media: image_bytes for media in CONTENT_TYPES.values()}},
+                      **_errors(inputs=True)},
     }}
     health = {"content": {"application/json": {"schema": _component(HealthResponse, "serialization", schemas)}}}
     paths[health_route] = {"get": {

@@ -28,10 +28,11 @@ def test_the_document_carries_the_projects_version_and_description(server):
 def test_every_error_status_is_declared_with_the_services_own_body(server):
     document = httpx.get(server.url + "/docs.json").json()
     error_ref = {"$ref": "#/components/schemas/ErrorResponse"}
-    for route in ("/predict", "/txt2img"):
+    for route in ("/predict", "/txt2img", "/img2img"):
         responses = document["paths"][route]["post"]["responses"]
-        assert set(responses) == {"200", "400", "413", "429", "500", "503"}, route
-        for status in ("400", "413", "429", "500", "503"):
+        takes_inputs = {"404"} if route != "/txt2img" else set()  # an oci:// input that is not there
+        assert set(responses) == {"200", "400", "413", "429", "500", "503"} | takes_inputs, route
+        for status in ("400", "413", "429", "500", "503", *takes_inputs):
             assert responses[status]["content"]["application/json"]["schema"] == error_ref, (route, status)
         assert "Retry-After" in responses["429"]["headers"] and "Retry-After" in responses["503"]["headers"]
         assert document["paths"][route]["post"]["requestBody"]["required"] is True
@@ -42,11 +43,17 @@ def test_every_error_status_is_declared_with_the_services_own_body(server):
 
 def test_media_types_and_nullable_fields_are_as_served(server):
     document = httpx.get(server.url + "/docs.json").json()
-    image = document["paths"]["/txt2img"]["post"]["responses"]["200"]["content"]
-    assert set(image) == {"image/png", "image/jpeg", "image/webp"}
+    for route in ("/txt2img", "/img2img"):
+        image = document["paths"][route]["post"]["responses"]["200"]["content"]
+        assert set(image) == {"image/png", "image/jpeg", "image/webp"}
     request = document["components"]["schemas"]["PredictRequest"]["properties"]
     assert request["seed"]["nullable"] is True and request["request_id"]["nullable"] is True
     assert "nullable" not in request["prompt"] and "nullable" not in request["width"]
+    assert request["image"]["nullable"] is True and request["mask_image"]["nullable"] is True
+    # OpenAPI 3.0's form of `0 < strength <= 1` (JSON Schema's numeric exclusiveMinimum is 3.1 only)
+    assert (request["strength"]["minimum"], request["strength"]["exclusiveMinimum"], request["strength"]["maximum"]) \
+        == (0, True, 1)
+    assert "image" in document["components"]["schemas"]["Img2ImgParameters"]["required"]
 
 
 def test_every_url_the_readme_names_answers(server):
