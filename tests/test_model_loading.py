@@ -95,3 +95,29 @@ def test_each_device_gets_its_own_copy_and_the_last_takes_the_loaded_weights():
     assert first.scheduler is not last.scheduler and first.tokenizer_3 is not last.tokenizer_3
     assert first.vae.use_slicing and last.vae.use_slicing  # several images decode one at a time
     assert _image_sha(first) == _image_sha(last)
+
+
+def _storages(pipe) -> dict[int, int]:
+    """Where each parameter and buffer of the pipeline's models lives in memory -> its size in bytes."""
+    found = {}
+    for component in pipe.components.values():
+        if isinstance(component, torch.nn.Module):
+            for tensor in [*component.parameters(), *component.buffers()]:
+                storage = tensor.untyped_storage()
+                found[storage.data_ptr()] = storage.nbytes()
+    return found
+
+
+def test_img2img_and_inpainting_share_every_weight_of_the_devices_pipeline(tmp_path):
+    build_tiny_pipeline().save_pretrained(tmp_path / "model")
+    loaded = load_pipeline(Settings(sd3_model=str(tmp_path / "model"), sd3_dtype="float16"))
+    text_only = _storages(loaded.pipe)
+    every = text_only | _storages(loaded.img2img) | _storages(loaded.inpaint)
+    assert every == text_only and sum(text_only.values()) > 0  # not one byte of weights more
+    assert type(loaded.for_mode("img2img")).__name__ == "StableDiffusion3Img2ImgPipeline"
+    assert type(loaded.for_mode("inpaint")).__name__ == "StableDiffusion3InpaintPipeline"
+    assert loaded.inpaint.transformer is loaded.pipe.transformer and loaded.img2img.vae is loaded.pipe.vae
+    # Made without diffusers' `from_pipe`, whose final `.to(dtype)` would cast the shared T5 to one dtype.
+    t5 = dict(loaded.pipe.text_encoder_3.named_parameters())
+    assert t5["encoder.block.0.layer.1.DenseReluDense.wo.weight"].dtype == torch.float32
+    assert loaded.pipe.transformer.dtype == torch.float16

@@ -137,10 +137,9 @@ def image_metadata(request: PredictRequest, seed: int, model: str, inputs: Input
         "height": str(request.height),
         "model": model,
         "prompt-sha256": hashlib.sha256(request.prompt.encode()).hexdigest(),
-        "mode": request.mode,
     }
     if inputs.image is not None:
-        metadata.update({"strength": str(inputs.strength), "input-sha256": inputs.image.sha256,
+        metadata.update({"mode": request.mode, "strength": str(inputs.strength), "input-sha256": inputs.image.sha256,
                          "input-bytes": str(inputs.image.bytes),
                          "input-size": f"{inputs.image.width}x{inputs.image.height}"})
     if inputs.mask is not None:

@@ -108,6 +108,12 @@ class FakeObjectStorage(OCIFakeServer):
         with self.lock:
             return self.buckets.get(bucket, {}).get(name)
 
+    def add_object(self, bucket: str, name: str, data: bytes, content_type: str = "application/octet-stream") -> None:
+        """Put an object in place directly, as if someone had uploaded it."""
+        with self.lock:
+            self.buckets[bucket][name] = StoredObject(data=data, content_type=content_type, metadata={},
+                                                      md5=_md5(data))
+
     def names(self, bucket: str) -> list[str]:
         with self.lock:
             return sorted(self.buckets.get(bucket, {}))

@@ -15,6 +15,7 @@ import pytest
 from fakes import oci_common
 from fakes.object_storage import FakeObjectStorage
 from integration.conftest import start_server, stop_server
+from image_samples import b64, file_bytes, left_half_mask, noise
 from sd3_service.spool import Spool
 
 SMALL = {"width": 256, "height": 256, "num_inference_steps": 2}
@@ -23,7 +24,7 @@ PROMPT = "a red fox in fresh snow, morning light"
 
 @pytest.fixture(scope="module")
 def fake():
-    with FakeObjectStorage(namespace="tenancyns", buckets=("images",)) as server:
+    with FakeObjectStorage(namespace="tenancyns", buckets=("images", "inputs", "private")) as server:
         yield server
 
 
@@ -43,7 +44,7 @@ def server(fake, principal, tmp_path_factory):
     """One server writing to the fake bucket as the resource principal, with links and sidecars on."""
     tmp = tmp_path_factory.mktemp("oci-server")
     running = start_server(tmp, {**principal.env, **bucket_env(fake, tmp / "spool"), "RETURN_URL": "true",
-                                 "URL_TTL_SECONDS": "600", "STORE_PARAMS": "true"})
+                                 "URL_TTL_SECONDS": "600", "STORE_PARAMS": "true", "INPUT_BUCKETS": "images,inputs"})
     running.spool = Spool(tmp / "spool")
     yield running
     stop_server(running)
@@ -192,3 +193,74 @@ def test_a_missing_credential_keeps_images_and_a_restart_with_one_uploads_them(f
         wait_until(lambda: Spool(spool_dir).pending() == [])
     finally:
         stop_server(fixed)
+
+
+# -- starting images (image to image, inpainting) --------------------------------------------------------------
+
+START = file_bytes(noise(320, 256))
+IMG2IMG = {"prompt": PROMPT, "num_inference_steps": 5, "seed": 3}
+
+
+def test_an_oci_input_is_read_with_the_services_own_signed_call(server, fake, principal):
+    fake.add_object("inputs", "photos/start.png", START, "image/png")
+    answer = predict(server, {**IMG2IMG, "image": "oci://inputs@tenancyns/photos/start.png"})
+    assert answer.status_code == 200, answer.text
+    assert (answer.json()["images"][0]["width"], answer.json()["images"][0]["height"]) == (320, 256)
+    [read] = fake.seen("GET", "/b/inputs/o/photos%2Fstart.png")  # the SDK quotes the slash
+    assert read.key_id == principal.key_id  # signed as the deployment, and the fake verified the signature
+    # The same bytes sent inline are the same input: the same image comes out.
+    inline = predict(server, {**IMG2IMG, "image": b64(START)}).json()
+    assert inline["images"][0]["sha256"] == answer.json()["images"][0]["sha256"]
+
+
+def test_an_inputs_metadata_and_sidecar_record_its_digest_never_its_bytes(server, fake):
+    mask = file_bytes(left_half_mask(320, 256))
+    first = predict(server, {**IMG2IMG, "image": b64(START), "mask_image": b64(mask), "strength": 0.9}).json()
+    stored = fake.object("images", first["images"][0]["object_name"])
+    assert stored.metadata["mode"] == "inpaint" and stored.metadata["strength"] == "0.9"
+    assert stored.metadata["input-sha256"] == hashlib.sha256(START).hexdigest()
+    assert stored.metadata["input-bytes"] == str(len(START)) and stored.metadata["input-size"] == "320x256"
+    assert stored.metadata["mask-sha256"] == hashlib.sha256(mask).hexdigest()
+
+    sidecar_object = fake.object("images", first["images"][0]["object_name"].rsplit("-", 1)[0] + ".json")
+    sidecar = json.loads(sidecar_object.data)
+    assert sidecar["inputs"]["image"] == {"sha256": hashlib.sha256(START).hexdigest(), "bytes": len(START),
+                                          "width": 320, "height": 256, "format": "PNG"}
+    assert sidecar["inputs"]["mask_image"]["sha256"] == hashlib.sha256(mask).hexdigest()
+    assert "image" not in sidecar["parameters"] and "mask_image" not in sidecar["parameters"]
+    assert b64(START) not in sidecar_object.data.decode()
+    # The parameters, with the same input sent again, make the same image.
+    again = predict(server, {**sidecar["parameters"], "image": b64(START), "mask_image": b64(mask)}).json()
+    assert again["images"][0]["sha256"] == first["images"][0]["sha256"]
+
+
+def test_an_oci_input_that_is_not_there_is_404_naming_the_field(server, fake):
+    response = predict(server, {**IMG2IMG, "image": "oci://inputs@tenancyns/missing.png"})
+    assert response.status_code == 404, response.text
+    error = response.json()["error"]
+    assert (error["code"], error["field"]) == ("input_not_found", "image") and "missing.png" in error["message"]
+
+
+def test_an_oci_input_from_a_bucket_not_allowed_is_400_and_never_read(server, fake):
+    fake.add_object("private", "secret.png", START, "image/png")
+    response = predict(server, {**IMG2IMG, "image": b64(START), "mask_image": "oci://private@tenancyns/secret.png"})
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["field"] == "mask_image" and "allowed: images, inputs" in error["message"]
+    assert not fake.seen("GET", "/b/private/")
+
+
+def test_an_oci_input_that_is_not_an_image_is_400(server, fake):
+    fake.add_object("inputs", "notes.txt", b"not an image", "text/plain")
+    response = predict(server, {**IMG2IMG, "image": "oci://inputs@tenancyns/notes.txt"})
+    assert response.status_code == 400 and response.json()["error"]["field"] == "image", response.text
+
+
+def test_an_object_storage_outage_while_reading_an_input_is_503_with_retry_after(server, fake):
+    fake.add_object("inputs", "later.png", START, "image/png")
+    fake.outage(503, when=lambda request: "/b/inputs/" in request.path)
+    response = predict(server, {**IMG2IMG, "image": "oci://inputs@tenancyns/later.png"})
+    assert response.status_code == 503, response.text
+    assert response.json()["error"]["code"] == "input_unavailable" and response.headers["retry-after"] == "10"
+    fake.restore()
+    assert predict(server, {**IMG2IMG, "image": "oci://inputs@tenancyns/later.png"}).status_code == 200
