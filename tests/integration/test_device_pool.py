@@ -9,6 +9,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 
+from image_samples import b64, left_half_mask, noise
+
 # Big enough that a request is still generating when the next one arrives, small enough for two CPU cores.
 BUSY = {"width": 512, "height": 512, "num_inference_steps": 12}
 EVENT = re.compile(r"\[(?P<request_id>[\w-]+)\] (?P<event>Generating on|Generated \d+ image\(s\) .* on) "
@@ -49,6 +51,18 @@ def test_two_devices_generate_at_the_same_time_and_three_requests_keep_both_busy
     third = starts[2]
     first_end = seen[2]
     assert seen.index(third) > seen.index(first_end) and third[2] == first_end[2], seen
+
+    # Image to image and inpainting run on every device too: each has its own pipelines over its own weights.
+    start = b64(noise(512, 512))
+    bodies = [{"prompt": "a", "request_id": "image-a", "image": start, **BUSY},
+              {"prompt": "b", "request_id": "image-b", "image": start, "mask_image": b64(left_half_mask(512, 512)),
+               **BUSY}]
+    with server.client() as client, ThreadPoolExecutor(2) as pool:
+        answers = list(pool.map(lambda body: client.post("/predict", json=body), bodies))
+    assert [a.status_code for a in answers] == [200, 200], [a.text for a in answers]
+    seen = [e for e in events(server) if e[1].startswith("image-")]
+    assert [kind for kind, *_ in seen] == ["start", "start", "end", "end"], seen
+    assert {device for *_, device in seen} == {"0", "1"}
 
 
 def test_a_device_that_fails_to_load_is_named_and_the_other_serves(make_server):
