@@ -200,12 +200,19 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--request-id", dest="request_id", metavar="ID",
                        help="idempotency key [default: a fresh one]; repeating a failed call with the same id "
                             "returns its first answer instead of generating again")
+    group.add_argument("--image", metavar="FILE|oci://…",
+                       help="start from this image (image to image): a PNG, JPEG or WebP file, sent in base64, or "
+                            "oci://<bucket>@<namespace>/<object>, which the deployment reads itself")
+    group.add_argument("--mask", metavar="FILE|oci://…",
+                       help="with --image: repaint only the mask's white area (inpainting); the image's size")
+    group.add_argument("--strength", type=float, metavar="X",
+                       help="with --image: how much of it to repaint, 0 < X <= 1 [service default: 0.8]")
     group.add_argument("--download", type=Path, metavar="DIR", help="save the images into DIR")
     return parser
 
 
 PREDICT_FIELDS = ("negative_prompt", "num_inference_steps", "guidance_scale", "width", "height", "seed",
-                  "num_images", "output_format", "request_id")
+                  "num_images", "output_format", "request_id", "strength")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -237,7 +244,8 @@ def main(argv: list[str] | None = None) -> None:
     elif args.command == "delete":
         commands.delete(settings, ref)
     elif args.command == "predict":
-        body = build_predict_body(args.prompt, args.body, {field: flags[field] for field in PREDICT_FIELDS})
+        body = build_predict_body(args.prompt, args.body, {field: flags[field] for field in PREDICT_FIELDS},
+                                  images={"image": args.image, "mask_image": args.mask})
         commands.predict(settings, ref, body, args.download)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 import shlex
@@ -347,8 +348,22 @@ def raw_request_command(url: str, body: dict[str, Any], settings: DeploySettings
     return shlex.join(parts)
 
 
-def build_predict_body(prompt: str | None, body_json: str | None, overrides: dict[str, Any]) -> dict[str, Any]:
-    """The JSON body of a predict call, from --body (JSON text) and/or --prompt and the parameter flags."""
+def image_field(value: str, flag: str) -> str:
+    """An image flag as the service takes it: an `oci://` URI as is, a file's bytes in base64."""
+    if value.startswith("oci://"):
+        return value
+    path = Path(value).expanduser()
+    try:
+        return base64.b64encode(path.read_bytes()).decode("ascii")
+    except OSError as exc:
+        raise ConfigError(f"{flag}: cannot read {path}: {exc.strerror or exc} (give a PNG, JPEG or WebP file, "
+                          "or oci://<bucket>@<namespace>/<object>)") from None
+
+
+def build_predict_body(prompt: str | None, body_json: str | None, overrides: dict[str, Any],
+                       images: dict[str, str | None] | None = None) -> dict[str, Any]:
+    """The JSON body of a predict call, from --body (JSON text) and/or --prompt, the parameter flags, and the
+    image flags (`images`: field -> a file or an `oci://` URI)."""
     body: dict[str, Any] = {}
     if body_json:
         try:
@@ -360,10 +375,15 @@ def build_predict_body(prompt: str | None, body_json: str | None, overrides: dic
     if prompt is not None:
         body["prompt"] = prompt
     body.update({key: value for key, value in overrides.items() if value is not None})
+    flags = {"image": "--image", "mask_image": "--mask"}
+    body.update({field: image_field(value, flags.get(field, field)) for field, value in (images or {}).items()
+                 if value is not None})
     if not body.get("prompt"):
         raise ConfigError('a prompt is required: --prompt "..." or --body \'{"prompt": "..."}\'')
     if len(json.dumps(body).encode()) > MAX_PREDICT_BODY_BYTES:
-        raise ConfigError("the predict body is over Model Deployment's 10 MB limit")
+        raise ConfigError("the predict body is over Model Deployment's 10 MB limit"
+                          + ("; upload a large image to a bucket the deployment reads and pass it as oci://..."
+                             if any((images or {}).values()) else ""))
     return body
 
 

@@ -470,6 +470,28 @@ def test_predict_prints_the_answer_and_downloads_stored_and_inline_images(cloud)
     assert_all_signed_by(cloud, cloud.credentials.key_id)
 
 
+def test_predict_sends_an_image_file_in_base64_and_an_oci_mask_as_is(cloud):
+    model = cloud.data_science.add_model(COMPARTMENT_ID, "sd3-medium")
+    deployment = cloud.data_science.add_deployment(COMPARTMENT_ID, "sd3-medium", model["id"])
+    start = b"\x89PNG start " + os.urandom(64)
+    (cloud.workdir / "start.png").write_bytes(start)
+
+    ok(cloud.run("predict", deployment["id"], "--prompt", "a lighthouse", "--image", "start.png",
+                 "--mask", "oci://inputs@testnamespace/masks/left.png", "--strength", "0.6"))
+
+    sent = only(cloud.data_science.seen("POST", "/predict")).json()
+    assert sent == {"prompt": "a lighthouse", "image": base64.b64encode(start).decode(), "strength": 0.6,
+                    "mask_image": "oci://inputs@testnamespace/masks/left.png", "request_id": sent["request_id"]}
+
+
+def test_predict_with_an_image_file_that_is_not_there_sends_nothing(cloud):
+    model = cloud.data_science.add_model(COMPARTMENT_ID, "sd3-medium")
+    deployment = cloud.data_science.add_deployment(COMPARTMENT_ID, "sd3-medium", model["id"])
+    result = cloud.run("predict", deployment["id"], "--prompt", "a lighthouse", "--image", "missing.png")
+    assert result.returncode != 0 and "--image: cannot read missing.png" in result.stderr
+    assert not cloud.data_science.seen("POST", "/predict")
+
+
 def _stored(data: bytes) -> StoredObject:
     return StoredObject(data=data, content_type="image/png", metadata={},
                         md5=base64.b64encode(hashlib.md5(data).digest()).decode())
