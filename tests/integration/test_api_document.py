@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -10,6 +11,9 @@ import tomllib
 from pathlib import Path
 
 import httpx
+from PIL import Image
+
+from image_samples import b64, noise
 
 REPO = Path(__file__).resolve().parents[2]
 CHECKS = ("not_a_server_error,status_code_conformance,content_type_conformance,negative_data_rejection,"
@@ -59,12 +63,12 @@ def test_media_types_and_nullable_fields_are_as_served(server):
 def test_every_url_the_readme_names_answers(server):
     readme = (REPO / "README.md").read_text()
     paths = sorted({path or "/" for path in re.findall(r"(?:127\.0\.0\.1|localhost):3000(/[\w./-]*)?", readme)})
-    assert {"/", "/docs.json", "/predict", "/txt2img", "/health"} <= set(paths), paths
+    assert {"/", "/docs.json", "/predict", "/txt2img", "/img2img", "/health"} <= set(paths), paths
     with server.client(follow_redirects=True) as client:
         for path in paths:
-            if path in ("/predict", "/txt2img"):  # POST routes: what the README sends them
-                response = client.post(path, json={"prompt": "a kite", "width": 256, "height": 256,
-                                                   "num_inference_steps": 1})
+            if path in ("/predict", "/txt2img", "/img2img"):  # POST routes: what the README sends them
+                start = {"image": b64(noise(256, 256))} if path == "/img2img" else {"width": 256, "height": 256}
+                response = client.post(path, json={"prompt": "a kite", "num_inference_steps": 1, **start})
             else:
                 response = client.get(path)
             assert response.status_code == 200, (path, response.status_code, response.text[:200])
@@ -81,3 +85,16 @@ def test_schemathesis_finds_no_disagreement_with_the_document(server, tmp_path):
     )
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]
     assert re.search(r"Tested: [1-9]", result.stdout), result.stdout[-3000:]
+
+
+def test_the_readmes_image_to_image_commands_work_as_written(server, tmp_path):
+    readme = (REPO / "README.md").read_text()
+    section = readme[readme.index("### Starting from an image"):]
+    script = re.search(r"```bash\n(.*?)```", section, re.S)[1]
+    script = script.replace(".venv/bin/python", sys.executable).replace("http://127.0.0.1:3000", server.url)
+    result = subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=tmp_path, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    answer = json.loads(result.stdout)
+    assert (answer["images"][0]["width"], answer["images"][0]["height"]) == (512, 512)
+    assert Image.open(tmp_path / "repainted.png").size == (512, 512)
