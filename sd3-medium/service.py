@@ -1,23 +1,31 @@
-"""SD3 Medium text-to-image, served by BentoML: `POST /predict`, `GET /health`, `POST /txt2img`.
+"""SD3 Medium image generation, served by BentoML: `POST /predict`, `GET /health`, `POST /txt2img`, `POST /img2img`.
 
 This file is routing and wiring only: the engine (`sd3_service/engine.py`) takes a request through the
-device pool, the answer book and the image writer; here its states become HTTP statuses.
+jobs, the ledger, the device pool and the image writer; here its states become HTTP statuses.
 docs/architecture.md describes the pieces.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import secrets
+import socket
 import sys
 
 import bentoml
 from fastapi import FastAPI
 from starlette.responses import JSONResponse, Response
 
-from sd3_service.answers import AnswerBook
-from sd3_service.contract import Img2ImgParameters, ImageParameters, PredictRequest, PredictResponse
+from pydantic import BaseModel, ConfigDict
+
+from sd3_service.contract import (Img2ImgParameters, ImageParameters, PendingResponse, PollRequest, PredictRequest,
+                                  PredictResponse)
 from sd3_service.device_pool import DevicePool, NotReady, QueueFull
-from sd3_service.engine import Engine
+from sd3_service.engine import Engine, RequestProblem
+from sd3_service.jobs import JobBook
+from sd3_service.ledger import Ledger
+from sd3_service.records import LocalRecords
 from sd3_service.http_errors import RequestGuard, error_response, validated_body
 from sd3_service.image_writer import ImageWriter
 from sd3_service.inputs import InputError, InputReader
@@ -53,7 +61,17 @@ def build_engine(settings: Settings) -> Engine:
                       place=lambda weights, device, copy: place_pipeline(weights, device, settings, copy),
                       max_queue=settings.max_queue)
     writer = ImageWriter.from_settings(settings)
-    return Engine(pool, writer, AnswerBook(settings.idempotency_cache_size), input_reader(settings, writer))
+    return Engine(pool, writer, JobBook(settings.idempotency_cache_size), ledger=build_ledger(settings, writer),
+                  inputs=input_reader(settings, writer), sync_wait_seconds=settings.sync_wait_seconds,
+                  max_jobs=settings.max_jobs, keep_text=settings.store_params)
+
+
+def build_ledger(settings: Settings, writer: ImageWriter) -> Ledger:
+    """The request records, beside the images: in the bucket, or in the local image folder."""
+    store = writer.store.store
+    records = store if hasattr(store, "create_record") else LocalRecords(settings.image_dir)
+    owner = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+    return Ledger(records, settings.object_prefix, settings.lease_seconds, owner)
 
 
 def input_reader(settings: Settings, writer: ImageWriter) -> InputReader:
@@ -68,17 +86,28 @@ def input_reader(settings: Settings, writer: ImageWriter) -> InputReader:
                        ObjectStorageStore.from_settings(settings))
 
 
-def as_sent(fields: dict) -> PredictRequest:
-    """The request as the client sent it: BentoML passes every field, defaults included, but an input image sets
-    the output size only where the client sent none, so the body the guard validated is what counts."""
+def as_sent() -> PredictRequest | PollRequest:
+    """The request as the client sent it, as the guard validated it: BentoML passes every field, defaults included,
+    but which were sent matters (an input image sets the output size only where none was sent)."""
     # The request being served, from BentoML's context (a `ctx` parameter would have BentoML overwrite the
     # status of every Response a route returns with the context's, 200).
     sent = validated_body(SD3Medium.context.request.scope)
-    if isinstance(sent, PredictRequest):
+    if isinstance(sent, (PredictRequest, PollRequest)):
         return sent
-    if sent is not None:  # /txt2img, /img2img: the same fields, fewer of them
-        return PredictRequest.model_validate(sent.model_dump(exclude_unset=True))
-    return PredictRequest(**fields)
+    # /txt2img, /img2img: the same fields, fewer of them
+    return PredictRequest.model_validate(sent.model_dump(exclude_unset=True))
+
+
+def predict_body(payload: dict) -> type[BaseModel]:
+    """`{"request_id": ...}` alone polls; any other body is a request, and needs a prompt."""
+    return PollRequest if set(payload) == {"request_id"} else PredictRequest
+
+
+class AnyObject(BaseModel):
+    """What BentoML parses `/predict`'s body as: any JSON object (the guard has validated it already, as a request
+    or a poll, which one model cannot say)."""
+
+    model_config = ConfigDict(extra="allow")
 
 
 @bentoml.service(
@@ -104,23 +133,33 @@ class SD3Medium:
             return JSONResponse(health.details)
         return JSONResponse(health.details, status_code=503, headers={"Retry-After": "10"})
 
-    @bentoml.api(route=PREDICT_ROUTE, input_spec=PredictRequest, output_spec=PredictResponse)
+    @bentoml.api(route=PREDICT_ROUTE, input_spec=AnyObject, output_spec=PredictResponse)
     async def predict(self, **fields) -> PredictResponse:
-        """Generate images (from a prompt, or a starting image), store them, and answer where they are."""
-        outcome = await self._run(as_sent(fields))
+        """Generate images (from a prompt, or a starting image), store them, and answer where they are; or,
+        with a `request_id` alone, answer an earlier request's images or status."""
+        sent = as_sent()
+        if isinstance(sent, PollRequest):
+            outcome = await self._run(lambda: self.engine.poll(sent.request_id))
+        else:
+            outcome = await self._run(lambda: self.engine.run(sent))
         if isinstance(outcome, Response):
             return outcome
+        if isinstance(outcome, PendingResponse):
+            return JSONResponse(outcome.model_dump(mode="json"), status_code=202,
+                                headers={"Retry-After": str(outcome.retry_after)})
         return JSONResponse(outcome.response.model_dump(mode="json", exclude_none=False))
 
     @bentoml.api(route="/txt2img", input_spec=ImageParameters)
     async def txt2img(self, **fields) -> bytes:
         """Generate one image and answer its bytes (for local use; the image is stored too)."""
-        return self._image_bytes(await self._run(as_sent(fields)))
+        sent = as_sent()
+        return self._image_bytes(await self._run(lambda: self.engine.run(sent, wait_to_end=True)))
 
     @bentoml.api(route="/img2img", input_spec=Img2ImgParameters)
     async def img2img(self, **fields) -> bytes:
         """Repaint a starting image (inpaint with a mask) and answer the image's bytes (local use; it is stored too)."""
-        return self._image_bytes(await self._run(as_sent(fields)))
+        sent = as_sent()
+        return self._image_bytes(await self._run(lambda: self.engine.run(sent, wait_to_end=True)))
 
     @staticmethod
     def _image_bytes(outcome):
@@ -131,9 +170,12 @@ class SD3Medium:
                         headers={"X-Request-Id": outcome.response.request_id,
                                  "X-Seed": str(outcome.response.seed)})
 
-    async def _run(self, request: PredictRequest):
+    async def _run(self, call):
         try:
-            return await self.engine.run(request)
+            return await call()
+        except RequestProblem as exc:
+            headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after else None
+            return error_response(exc.status, exc.code, str(exc), field=exc.field, headers=headers)
         except InputError as exc:
             headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after else None
             problems = [{"field": exc.field, "message": str(exc)}] if exc.status == 400 else None
@@ -153,6 +195,6 @@ SD3Medium.add_asgi_middleware(
 )
 SD3Medium.add_asgi_middleware(
     RequestGuard,
-    models={PREDICT_ROUTE: PredictRequest, "/txt2img": ImageParameters, "/img2img": Img2ImgParameters},
+    models={PREDICT_ROUTE: predict_body, "/txt2img": ImageParameters, "/img2img": Img2ImgParameters},
     max_body_bytes=SETTINGS.max_body_bytes,
 )

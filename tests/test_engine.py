@@ -11,7 +11,7 @@ import threading
 
 import pytest
 
-from sd3_service.answers import AnswerBook
+from sd3_service.jobs import JobBook
 from sd3_service.contract import PredictRequest
 from sd3_service.device_pool import DevicePool, NotReady, QueueFull
 from sd3_service.engine import Engine
@@ -77,7 +77,7 @@ def make_engine(tiny, store, tmp_path, devices=("cpu",), max_queue=4, calls=None
     pool = DevicePool(lambda: list(devices), lambda names: LoadedWeights(pipe=tiny, source=source, dtype="float32"),
                       place, max_queue=max_queue)
     writer = ImageWriter(SpoolingStore(store, Spool(tmp_path / "spool")), store_params=store_params)
-    return Engine(pool, writer, AnswerBook())
+    return Engine(pool, writer, JobBook())
 
 
 def ready(engine: Engine) -> Engine:
@@ -224,7 +224,7 @@ def test_requests_before_ready_and_after_a_failed_load_are_refused(tmp_path):
 
     pool = DevicePool(lambda: ["cpu"], slow_then_broken, place=None)
     engine = Engine(pool, ImageWriter(SpoolingStore(LocalFolderStore(tmp_path), Spool(tmp_path / "spool"))),
-                    AnswerBook())
+                    JobBook())
     loader = pool.start()
     assert engine.health().status == "loading"
     with pytest.raises(NotReady):
@@ -285,7 +285,7 @@ def test_a_device_that_fails_during_a_request_fails_that_request_and_the_others_
     pool = DevicePool(lambda: ["cpu", "cpu"], lambda names: LoadedWeights(pipe=tiny, source=source, dtype="float32"),
                       place)
     engine = ready(Engine(pool, ImageWriter(SpoolingStore(LocalFolderStore(tmp_path), Spool(tmp_path / "spool"))),
-                          AnswerBook()))
+                          JobBook()))
 
     async def scenario():
         for _ in range(20):  # until one lands on the first device (the other device serves it fine)

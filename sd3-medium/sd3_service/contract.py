@@ -14,6 +14,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInf
 
 MAX_SEED = 2**32 - 1
 CONTENT_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
+REQUEST_ID = r"^[A-Za-z0-9_-]{1,64}$"
 MIN_SIDE, MAX_SIDE = 256, 1536  # pixels, for generated images and for input images alike
 OCI_URI = re.compile(r"^oci://(?P<bucket>[A-Za-z0-9._-]{1,256})@(?P<namespace>[A-Za-z0-9_-]{1,128})/(?P<name>[^\x00]{1,1024})$")
 DATA_URL = re.compile(r"^data:(?P<media>[\w.+-]+/[\w.+-]+)?(?:;[\w-]+=[\w.-]+)*;base64,", re.ASCII)
@@ -67,7 +68,8 @@ class ImageParameters(BaseModel):
                        description="Image width in pixels, a multiple of 16." + _SIZE_NOTE)
     height: int = Field(1024, ge=MIN_SIDE, le=MAX_SIDE, multiple_of=16,
                         description="Image height in pixels, a multiple of 16." + _SIZE_NOTE)
-    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="Random seed; the same seed and parameters give the same image. Null picks one.")
+    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="Random seed; the same seed and parameters give "
+                             "the same image. Null: one made from the request id, so a retry makes the same image.")
     output_format: Literal["png", "jpeg", "webp"] = Field("png", description="Image file format.")
 
     @field_validator("prompt")
@@ -116,9 +118,14 @@ class PredictRequest(ImageParameters):
 
     num_images: int = Field(1, ge=1, le=4, description="How many images to generate from the prompt.")
     request_id: str | None = Field(
-        None, pattern=r"^[A-Za-z0-9_-]{1,64}$",
-        description="Idempotency key: the same id sent again returns the first answer. Null lets the server make one.",
+        None, pattern=REQUEST_ID,
+        description="Idempotency key: the same id sent again, to any instance, returns the first answer (other "
+                    "parameters with it: 409). Null lets the server make one (128-bit random); clients sharing a "
+                    "deployment should use unguessable ids too, since whoever knows an id can poll its answer.",
     )
+    wait: bool = Field(True, description="False: answer 202 with the request's status as soon as it is accepted, "
+                                         "then poll with `{\"request_id\": ...}`. True waits for the images, up to "
+                                         "`SYNC_WAIT_SECONDS`, then answers the same 202.")
     image: ImageInput | None = Field(None, description="Start from this image (image to image): " + IMAGE_FORMS)
     strength: float = _STRENGTH
     mask_image: ImageInput | None = _MASK
@@ -162,6 +169,30 @@ class PredictResponse(BaseModel):
     timings_ms: dict[str, int] = Field(..., description="queue, generate, encode, store in milliseconds")
 
 
+class PollRequest(BaseModel):
+    """Polling (the body of `POST /predict` with nothing but an id): the answer once done, else the status."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    request_id: str = Field(..., pattern=REQUEST_ID, description="the id of a request sent before")
+
+
+class Progress(BaseModel):
+    step: int = Field(..., description="denoising steps done")
+    steps: int = Field(..., description="denoising steps in all")
+
+
+class PendingResponse(BaseModel):
+    """The 202 answer: accepted, not done yet. Poll with `{"request_id": ...}` after `retry_after` seconds."""
+
+    request_id: str = Field(..., description="the id to poll with")
+    status: Literal["queued", "running"] = Field(..., description="waiting for a device, or generating")
+    position: int | None = Field(..., description="1 for the next request a device takes; null once running, or "
+                                                  "when the instance answering is not the one holding it")
+    progress: Progress | None = Field(..., description="denoising steps done, on the instance running it; else null")
+    retry_after: int = Field(..., description="seconds to wait before polling (also the `Retry-After` header)")
+
+
 class Problem(BaseModel):
     """One invalid field of a request."""
 
@@ -171,7 +202,9 @@ class Problem(BaseModel):
 
 class ErrorDetail(BaseModel):
     code: str = Field(..., description="`invalid_input`, `malformed_json`, `payload_too_large`, `queue_full`, "
-                                       "`not_ready`, `input_not_found`, `input_unavailable`, `internal_error`")
+                                       "`not_ready`, `input_not_found`, `input_unavailable`, `unknown_request`, "
+                                       "`request_id_reused`, `request_interrupted`, `ledger_unavailable`, "
+                                       "`internal_error`")
     message: str = Field(..., description="what is wrong and what is allowed")
     field: str | None = Field(..., description="the (first) offending field; null when no field is at fault")
     problems: list[Problem] | None = Field(None, description="every invalid field, for `invalid_input`")
@@ -193,5 +226,6 @@ class HealthResponse(BaseModel):
     devices: list[dict] | None = Field(None, description="each device: `device`, `state` (`loading`, `ready`, "
                                                       "`failed`) and, for a failed one, `error`")
     store: dict | None = Field(None, description="the image store: kind, where, state, images waiting in the spool")
+    jobs: int | None = Field(None, description="requests this server holds, queued or running")
     error: str | None = Field(None, description="why loading failed")
 

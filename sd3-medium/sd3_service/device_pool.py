@@ -16,7 +16,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from sd3_service.contract import PredictRequest
 from sd3_service.generation import generate_images, generation_arguments
@@ -71,6 +71,14 @@ class Generated:
     generate_seconds: float
 
 
+class Watcher(Protocol):
+    """Told where a request stands, from the device's worker thread."""
+
+    def started(self) -> None: ...
+
+    def step(self, step: int, steps: int) -> None: ...
+
+
 @dataclass
 class _Job:
     request: PredictRequest
@@ -79,6 +87,7 @@ class _Job:
     inputs: Inputs
     future: asyncio.Future
     loop: asyncio.AbstractEventLoop
+    watcher: Watcher | None = None
     admitted: float = field(default_factory=time.perf_counter)
 
 
@@ -114,6 +123,7 @@ class DevicePool:
         self._place = place
         self._queue: queue.Queue[_Job | None] = queue.Queue()
         self._admitted = 0  # requests admitted and not yet done generating (touched on the event loop only)
+        self._waiting: list[str] = []  # request ids in the queue, in order (under `_lock`)
         self._seconds_per_generation = 1.0  # running estimate, for Retry-After
         self._lock = threading.Lock()
         self._workers: list[threading.Thread] = []
@@ -171,6 +181,8 @@ class DevicePool:
             job = self._queue.get()
             if job is None:
                 return
+            with self._lock:
+                self._waiting.remove(job.request_id)
             if not self._run(device, job):
                 return
 
@@ -178,8 +190,12 @@ class DevicePool:
         """Run one job on the device; False when the device failed and must take no more."""
         started = time.perf_counter()
         log.info("[%s] Generating on %s", job.request_id, device.label)
+        watcher = job.watcher
         try:
+            if watcher is not None:
+                watcher.started()
             images = generate_images(device.pipeline.for_mode(job.request.mode), seed=job.seed,
+                                     on_step=watcher.step if watcher is not None else None,
                                      **generation_arguments(job.request, job.inputs))
         except BaseException as exc:  # noqa: BLE001 - the caller gets the error; the worker decides whether to go on
             job.loop.call_soon_threadsafe(_settle, job.future, None, exc)
@@ -215,6 +231,8 @@ class DevicePool:
             except queue.Empty:
                 return
             if job is not None:
+                with self._lock:
+                    self._waiting.remove(job.request_id)
                 job.loop.call_soon_threadsafe(_settle, job.future, None, NotReady(self.error()))
 
     # -- state ----------------------------------------------------------------------------------
@@ -251,28 +269,39 @@ class DevicePool:
 
     # -- requests -------------------------------------------------------------------------------
 
-    def admit(self) -> None:
-        """Count a request in, or refuse it (`NotReady`, `QueueFull`); call on the event loop, then `generate`."""
+    def admit(self, bound: int | None = None) -> None:
+        """Count a request in, or refuse it (`NotReady`, `QueueFull`); call on the event loop, then `generate`.
+
+        `bound`: how many admitted requests may be ahead of it; by default one running on each ready device
+        plus `max_queue` waiting (what a caller waiting for its answer may wait behind).
+        """
         ready = self.ready_count()
         if not ready:
             raise NotReady(self.error())
-        if self._admitted >= ready + self.max_queue:
+        if self._admitted >= (ready + self.max_queue if bound is None else bound):
             raise QueueFull(self.retry_after())
         self._admitted += 1
+
+    def position(self, request_id: str) -> int | None:
+        """1 for the next request a device takes; None once it runs (or if it is not queued here)."""
+        with self._lock:
+            return self._waiting.index(request_id) + 1 if request_id in self._waiting else None
 
     def withdraw(self) -> None:
         """Count out an admitted request that will not `generate` after all (say, its input image was refused)."""
         self._admitted -= 1
 
     async def generate(self, request: PredictRequest, request_id: str, seed: int,
-                       inputs: Inputs = NO_INPUTS) -> Generated:
+                       inputs: Inputs = NO_INPUTS, watcher: Watcher | None = None) -> Generated:
         """Generate on the first free device; the request must have been admitted."""
         loop = asyncio.get_running_loop()
         job = _Job(request=request, request_id=request_id, seed=seed, inputs=inputs, future=loop.create_future(),
-                    loop=loop)
+                    loop=loop, watcher=watcher)
         try:
             if not self.ready_count():  # every device failed since admission
                 raise NotReady(self.error())
+            with self._lock:
+                self._waiting.append(request_id)
             self._queue.put(job)
             return await job.future
         finally:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -29,17 +30,25 @@ class EncodedImage:
 
 def generate_images(pipe, *, prompt: str, negative_prompt: str | None, num_inference_steps: int,
                     guidance_scale: float, width: int, height: int, num_images: int, seed: int,
-                    image=None, mask_image=None, strength: float | None = None) -> list:
+                    image=None, mask_image=None, strength: float | None = None,
+                    on_step: Callable[[int, int], None] | None = None) -> list:
     """Generate `num_images` PIL images; the same seed, parameters and inputs give the same images.
 
     `pipe` is the text-to-image pipeline, or with `image` the image-to-image one, or with `image` and
     `mask_image` the inpainting one; `image` and `mask_image` are PIL images already at `width`x`height`.
+    `on_step(step, steps)` is called after each denoising step.
     """
     import torch
 
     starting = {} if image is None else {"image": image, "strength": strength}
     if mask_image is not None:
         starting["mask_image"] = mask_image
+    if on_step is not None:
+        def step_ended(pipeline, index, timestep, tensors):
+            on_step(index + 1, pipeline.num_timesteps)  # the steps that run: fewer than asked below strength 1
+            return tensors
+
+        starting["callback_on_step_end"] = step_ended
     # A CPU generator gives the same noise on every device, so a seed means the same image everywhere.
     generator = torch.Generator("cpu").manual_seed(seed)
     with torch.inference_mode():

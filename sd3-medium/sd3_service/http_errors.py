@@ -54,7 +54,7 @@ class RequestGuard:
     """ASGI middleware: size limit, JSON syntax and schema validation for the JSON POST routes.
 
     Args:
-        models: route path -> the pydantic model its body must satisfy.
+        models: route path -> the pydantic model its body must satisfy, or a function of the body that says which.
         max_body_bytes: larger bodies get 413 (OCI Model Deployment's own limit is 10 MB).
     """
 
@@ -110,13 +110,15 @@ class RequestGuard:
         await self.app({**scope, "headers": headers}, replay, send)
 
     @staticmethod
-    def _check(body: bytes, model: type[BaseModel]) -> JSONResponse | BaseModel:
+    def _check(body: bytes, model) -> JSONResponse | BaseModel:
         try:
             payload = json.loads(body)
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             return error_response(400, "malformed_json", f"the body is not valid JSON: {exc}", field="body")
         if not isinstance(payload, dict):
             return error_response(400, "invalid_input", "the body must be a JSON object", field="body")
+        if not isinstance(model, type):  # chosen by the body (a poll or a request)
+            model = model(payload)
         try:
             return model.model_validate(payload)
         except ValidationError as exc:

@@ -71,12 +71,15 @@ class ImageWriter:
         return self.store.describe()
 
     def write(self, request: PredictRequest, request_id: str, seed: int, images: list, model: str,
-              inputs: Inputs = NO_INPUTS) -> Written:
-        """Encode and store `images`, generated for `request` with `seed` (and `inputs`) by `model`."""
+              inputs: Inputs = NO_INPUTS, day: dt.datetime | None = None) -> Written:
+        """Encode and store `images`, generated for `request` with `seed` (and `inputs`) by `model`.
+
+        `day`: the date in the images' names (the request's, recorded when it was first accepted); today if None.
+        """
         began = time.perf_counter()
         files = [encode_image(image, request.output_format) for image in images]
         encoded = time.perf_counter()
-        now = dt.datetime.now(dt.timezone.utc)
+        now = day or dt.datetime.now(dt.timezone.utc)
         metadata = image_metadata(request, seed, model, inputs)
         stored = []
         for index, file in enumerate(files):
@@ -111,7 +114,7 @@ class ImageWriter:
         """Store `<request_id>.json`: the body that reproduces these images, and what they are."""
         # Sent back to /predict as the body (with the same `image` and `mask_image`, which are described in
         # `inputs` but never copied here), this makes the same images on the same hardware and software.
-        parameters = request.model_dump(mode="json", exclude={"request_id", "image", "mask_image"}) | {"seed": seed}
+        parameters = request.model_dump(mode="json", exclude={"request_id", "image", "mask_image", "wait"}) | {"seed": seed}
         if request.image is None:
             del parameters["strength"]
         record = {

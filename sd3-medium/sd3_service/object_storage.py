@@ -20,12 +20,14 @@ from urllib.parse import quote
 
 import oci
 
+from sd3_service.records import RecordChanged, RecordExists
 from sd3_service.store import ImageObject, Location, ObjectRefused, StoreError
 
 log = logging.getLogger("sd3.store")
 
 MAX_BACKOFF_SECONDS = 1.5  # the longest sleep between two attempts
 MAX_ATTEMPTS = 8  # a put tries at most this often, within its time budget
+RECORD_BUDGET_SECONDS = 6.0  # a ledger call (small JSON) gives up sooner than an image: the request waits on it
 AUTH_HINTS = {
     "resource_principal": "the resource principal exists only inside OCI (Model Deployment sets it up); "
                           "elsewhere set OCI_AUTH=api_key",
@@ -177,12 +179,18 @@ class ObjectStorageStore:
         client = self.client()
         if not self.namespace:
             self.check()
-        self._call(
-            client.put_object, self._remaining(started), self.namespace, self.bucket, image.name, image.data,
-            content_type=image.content_type,
-            content_md5=base64.b64encode(hashlib.md5(image.data).digest()).decode("ascii"),
-            opc_meta=_header_safe(image.metadata),
-        )
+        try:
+            self._call(
+                client.put_object, self._remaining(started), self.namespace, self.bucket, image.name, image.data,
+                content_type=image.content_type,
+                content_md5=base64.b64encode(hashlib.md5(image.data).digest()).decode("ascii"),
+                opc_meta=_header_safe(image.metadata),
+                **({"if_none_match": "*"} if image.if_absent else {}),
+            )
+        except StoreError as exc:
+            if not (image.if_absent and exc.status == 412):
+                raise
+            log.info("[%s] %s was already stored (by another instance): kept as it is", image.request_id, image.name)
         where = self.location(image.name)
         if self.return_url:
             where = replace(where, url=self._link(client, image.name, self._remaining(started)))
@@ -224,6 +232,62 @@ class ObjectStorageStore:
         finally:
             stream.close()
         return bytes(data)
+
+    # -- records (the request ledger): conditional requests, 412 when the condition fails
+
+    def create_record(self, name: str, data: bytes) -> str:
+        """Write `name` only if no object has it (`if-none-match: *`); its etag. `RecordExists` otherwise."""
+        try:
+            response = self._record_call(self.client().put_object, name, data, if_none_match="*")
+        except oci.exceptions.ServiceError as exc:
+            if exc.status == 412:
+                raise RecordExists(name) from None
+            raise StoreError(self._explain(exc)) from None
+        return response.headers.get("etag", "")
+
+    def read_record(self, name: str) -> tuple[bytes, str] | None:
+        try:
+            response = self._record_call(self.client().get_object, name)
+        except oci.exceptions.ServiceError as exc:
+            if exc.status == 404 and exc.code == "ObjectNotFound":
+                return None
+            raise StoreError(self._explain(exc)) from None
+        try:
+            return response.data.content, response.headers.get("etag", "")
+        except SDK_FAILURES as exc:
+            raise StoreError(self._explain(exc)) from None
+
+    def replace_record(self, name: str, data: bytes, etag: str) -> str:
+        """Replace `name` only if it is unchanged (`if-match: <etag>`); the new etag. `RecordChanged` otherwise."""
+        try:
+            response = self._record_call(self.client().put_object, name, data, if_match=etag)
+        except oci.exceptions.ServiceError as exc:
+            if exc.status in (404, 412):
+                raise RecordChanged(name) from None
+            raise StoreError(self._explain(exc)) from None
+        return response.headers.get("etag", "")
+
+    def delete_record(self, name: str, etag: str) -> None:
+        try:
+            self._record_call(self.client().delete_object, name, if_match=etag)
+        except oci.exceptions.ServiceError as exc:
+            if exc.status in (404, 412):
+                raise RecordChanged(name) from None
+            raise StoreError(self._explain(exc)) from None
+
+    def _record_call(self, operation, name: str, *args, **kwargs):
+        """One record call within `RECORD_BUDGET_SECONDS`; service errors reach the caller, the rest is StoreError."""
+        if not self.namespace:
+            self.check()
+        if operation.__name__ == "put_object":
+            kwargs["content_type"] = "application/json"
+        try:
+            return operation(self.namespace, self.bucket, name, *args,
+                             retry_strategy=retry_strategy(min(self.timeout_seconds, RECORD_BUDGET_SECONDS)), **kwargs)
+        except oci.exceptions.ServiceError:
+            raise
+        except SDK_FAILURES as exc:
+            raise StoreError(self._explain(exc)) from None
 
     def client(self):
         """The SDK client, built on first use (the credential is loaded then, not at import)."""
@@ -276,7 +340,7 @@ class ObjectStorageStore:
         try:
             return operation(*args, retry_strategy=retry_strategy(budget_seconds), **kwargs)
         except SDK_FAILURES as exc:
-            raise StoreError(self._explain(exc)) from None
+            raise StoreError(self._explain(exc), status=getattr(exc, "status", None)) from None
 
     def _explain(self, exc: BaseException) -> str:
         if isinstance(exc, oci.exceptions.ServiceError) and exc.operation_name is None:

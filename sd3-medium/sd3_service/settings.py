@@ -62,7 +62,13 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(10 * 1024 * 1024, description="OCI Model Deployment caps payloads at 10 MB")
     max_queue: int = Field(4, ge=0, description="requests waiting for a device beyond the one running on each; "
                                                 "more get 429")
-    idempotency_cache_size: int = Field(1024, ge=0, description="answers remembered by request_id")
+    idempotency_cache_size: int = Field(1024, ge=0, description="answers this process remembers by request_id "
+                                        "(the fast path; the ledger in the store keeps every one)")
+    lease_seconds: float = Field(30.0, ge=1, le=600, description="an owner renews its claim on a request while it "
+                                 "works; a claim not renewed for this long may be taken over by another instance")
+    sync_wait_seconds: float = Field(50.0, ge=0, le=300, description="how long a request that waits for its "
+                                     "images waits before it answers 202 with its status (Model Deployment cuts at 60 s)")
+    max_jobs: int = Field(64, ge=1, description="accepted requests (queued or running) a server holds; more get 429")
 
     @property
     def allowed_input_buckets(self) -> frozenset[str]:

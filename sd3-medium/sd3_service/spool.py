@@ -69,7 +69,7 @@ class Spool:
         key = json.dumps([image.name, destination], sort_keys=True).encode()
         path = self.root / (hashlib.sha256(key).hexdigest() + SUFFIX)
         header = {"name": image.name, "content_type": image.content_type, "metadata": image.metadata,
-                  "request_id": image.request_id, "destination": destination,
+                  "request_id": image.request_id, "destination": destination, "if_absent": image.if_absent,
                   "sha256": hashlib.sha256(image.data).hexdigest(), "kept_at": time.time()}
         with tempfile.NamedTemporaryFile(dir=self.root, prefix=".tmp-", delete=False) as tmp:
             tmp.write(json.dumps(header).encode() + b"\n" + image.data)
@@ -100,7 +100,8 @@ class Spool:
             header = json.loads(line)
             intact = hashlib.sha256(data).hexdigest() == header["sha256"]
             image = ImageObject(name=header["name"], data=data, content_type=header["content_type"],
-                                metadata=header.get("metadata") or {}, request_id=header.get("request_id") or "")
+                                metadata=header.get("metadata") or {}, request_id=header.get("request_id") or "",
+                                if_absent=bool(header.get("if_absent")))
         except (ValueError, KeyError, TypeError) as exc:
             raise SpoolCorrupt(f"{path}: unreadable header ({exc})") from None
         if not intact:

@@ -14,7 +14,11 @@ from typing import Protocol
 
 
 class StoreError(Exception):
-    """Storing an image failed; the caller keeps the bytes."""
+    """Storing an image failed; the caller keeps the bytes. `status`: the HTTP status the store answered, if any."""
+
+    def __init__(self, message: str, status: int | None = None):
+        super().__init__(message)
+        self.status = status
 
 
 class ObjectRefused(Exception):
@@ -38,6 +42,7 @@ class ImageObject:
     content_type: str
     metadata: dict[str, str] = field(default_factory=dict)
     request_id: str = ""  # for log lines about it
+    if_absent: bool = False  # store it only where no object has its name yet (a request's first record)
 
 
 @dataclass(frozen=True)
@@ -91,7 +96,14 @@ class LocalFolderStore:
             path.parent.mkdir(parents=True, exist_ok=True)
             with tempfile.NamedTemporaryFile(dir=path.parent, prefix=".tmp-", delete=False) as tmp:
                 tmp.write(image.data)
-            os.replace(tmp.name, path)
+            if image.if_absent:
+                try:
+                    os.link(tmp.name, path)  # fails if the name exists: what is there stays
+                except FileExistsError:
+                    pass
+                os.unlink(tmp.name)
+            else:
+                os.replace(tmp.name, path)
         except OSError as exc:
             raise StoreError(f"cannot write {path}: {exc.strerror or exc}") from exc
         return self.location(image.name)

@@ -1,8 +1,8 @@
 """An OCI Object Storage endpoint on loopback, for the real `oci` SDK (see `fakes.oci_common`).
 
 It implements what our code uses, with OCI's paths, headers and error shapes: the namespace; buckets
-(create, get, head); objects (put, get, head, list, delete) with `opc-meta-*` metadata and
-`Content-MD5` checks; pre-authenticated requests (create, and fetching through the returned URL,
+(create, get, head); objects (put, get, head, list, delete) with `opc-meta-*` metadata,
+`Content-MD5` checks and conditional requests (`if-none-match: *`, `if-match: <etag>`, 412 otherwise); pre-authenticated requests (create, and fetching through the returned URL,
 read-only, until they expire); and multipart uploads (create, upload part, list parts, commit,
 abort, list), which the SDK's `UploadManager` uses for large files.
 """
@@ -170,7 +170,21 @@ class FakeObjectStorage(OCIFakeServer):
 
     # -- objects
 
+    def _precondition_failed(self, request: Request, existing: StoredObject | None) -> Reply | None:
+        """OCI's conditional requests: `if-none-match: *` (only if absent) and `if-match: <etag>` (only if unchanged)."""
+        if request.headers.get("if-none-match") == "*" and existing is not None:
+            return error_reply(412, "IfNoneMatchFailed", "The If-None-Match header is '*' but there is an existing "
+                               "entity")
+        expected = request.headers.get("if-match")
+        if expected is not None and (existing is None or existing.etag != expected):
+            return error_reply(412, "IfMatchFailed", f"The If-Match header was '{expected}' but the current etag is "
+                               f"'{existing.etag if existing else '(no object)'}'")
+        return None
+
     def _put_object(self, request: Request, ns: str, bucket: str, name: str) -> Reply:
+        refused = self._precondition_failed(request, self.buckets[bucket].get(name))
+        if refused is not None:
+            return refused
         md5 = _md5(request.body)
         if "content-md5" in request.headers and request.headers["content-md5"] != md5:
             return error_reply(400, "UnmatchedContentMD5", "The computed MD5 of the request body does not "
@@ -199,6 +213,9 @@ class FakeObjectStorage(OCIFakeServer):
         return self._object_reply(request, stored)
 
     def _delete_object(self, request: Request, ns: str, bucket: str, name: str) -> Reply:
+        refused = self._precondition_failed(request, self.buckets[bucket].get(name))
+        if refused is not None:
+            return refused
         if self.buckets[bucket].pop(name, None) is None:
             return error_reply(404, "ObjectNotFound", f"The object '{name}' was not found in the bucket '{bucket}'")
         return Reply(204)

@@ -123,11 +123,16 @@ def test_a_repeated_request_id_returns_the_first_answer_without_generating_again
     body = {"prompt": "a lighthouse", "request_id": "retry-me_1", **SMALL}
     with ThreadPoolExecutor(2) as pool:  # a client retrying while the first call still runs
         first, concurrent = pool.map(lambda _: predict(server, body), range(2))
-    later = predict(server, {**body, "seed": 7})
+    later = predict(server, body)
     assert first.status_code == concurrent.status_code == later.status_code == 200
     assert first.json() == concurrent.json() == later.json()
     assert first.json()["request_id"] == "retry-me_1"
     assert server.log().count("[retry-me_1] Generated") == 1
+    # The same id with other parameters is not the same request: refused, naming what differs.
+    reused = predict(server, {**body, "seed": 7, "prompt": "a windmill"})
+    assert reused.status_code == 409, reused.text
+    assert reused.json()["error"]["code"] == "request_id_reused" and reused.json()["error"]["field"] == "prompt"
+    assert "prompt, seed" in reused.json()["error"]["message"]
 
 
 @pytest.mark.parametrize("output_format,pil_format", [("png", "PNG"), ("jpeg", "JPEG"), ("webp", "WEBP")])

@@ -1,0 +1,81 @@
+"""The requests this process holds: running or waiting (`MAX_JOBS` of them), and the latest answers given.
+
+A repeated `request_id` is answered from here first (the fast path, no store call); the ledger
+(`ledger.py`) answers for the ids this process does not hold.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+from sd3_service.contract import PredictRequest
+from sd3_service.ledger import Record
+
+
+@dataclass
+class Job:
+    """One request this process holds, and where it stands."""
+
+    request_id: str
+    request: PredictRequest
+    parameters: dict  # as the ledger records them (to refuse the id reused with other ones)
+    seed: int
+    day: str  # yyyy/mm/dd of its image names
+    state: str = "queued"  # "queued" | "running" | "done" | "failed"
+    work: asyncio.Future | None = None
+    record: Record | None = None  # its record as last written; None: not in the ledger
+    etag: str | None = None
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # one ledger write at a time
+    _progress: tuple[int, int] | None = None
+    _guard: threading.Lock = field(default_factory=threading.Lock)
+
+    # Called from the device's worker thread (`device_pool.Watcher`).
+    def started(self) -> None:
+        self.state = "running"
+
+    def step(self, step: int, steps: int) -> None:
+        with self._guard:
+            self._progress = (step, steps)
+
+    @property
+    def progress(self) -> tuple[int, int] | None:
+        with self._guard:
+            return self._progress
+
+    @property
+    def active(self) -> bool:
+        return self.work is not None and not self.work.done()
+
+
+class JobBook:
+    """Jobs by request id: every active one, and up to `size` finished ones; a failed job is forgotten."""
+
+    def __init__(self, size: int = 1024):
+        self.size = size
+        self._jobs: OrderedDict[str, Job] = OrderedDict()
+
+    def get(self, request_id: str) -> Job | None:
+        return self._jobs.get(request_id)
+
+    def active(self) -> list[Job]:
+        return [job for job in self._jobs.values() if job.active]
+
+    def add(self, job: Job) -> None:
+        """Hold `job` (its `work` must be set): forgotten if the work fails, kept as an answer if it succeeds."""
+        self._jobs[job.request_id] = job
+        job.work.add_done_callback(lambda work: self._finished(job, work))
+
+    def forget(self, job: Job) -> None:
+        if self._jobs.get(job.request_id) is job:
+            del self._jobs[job.request_id]
+
+    def _finished(self, job: Job, work: asyncio.Future) -> None:
+        if work.cancelled() or work.exception() is not None:
+            self.forget(job)  # the id may be sent again (a recorded failure is answered by the ledger)
+            return
+        finished = [rid for rid, held in self._jobs.items() if not held.active]
+        for request_id in finished[:max(0, len(finished) - self.size)]:
+            del self._jobs[request_id]
