@@ -178,12 +178,16 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p, wait=True)
     _deployment_ref(p)
 
-    p = command("predict", "Send one signed request to a deployment's /predict (never retried: a retry would "
-                "generate again), print the JSON answer, optionally download the images.",
+    p = command("predict", "Send one signed request to a deployment's /predict (never resent: a resend would "
+                "generate again) without waiting on the server, poll its request_id with a progress bar until "
+                "done, print the JSON answer, optionally download the images. --request-id alone resumes "
+                "polling an earlier request.",
                 'python model-deployment.py predict sd3-medium --prompt "a red fox in snow" --seed 7 '
                 "--download ./images")
     _common(p)
     _deployment_ref(p)
+    p.add_argument("--no-wait", dest="no_wait", action="store_true",
+                   help="print the 202 answer (the request_id and its status) and exit; resume with --request-id")
     group = p.add_argument_group("request (see the service's POST /predict contract)")
     group.add_argument("--prompt", metavar="TEXT", help="what to draw")
     group.add_argument("--body", metavar="JSON", help="the whole JSON body; the other request flags override its fields")
@@ -199,7 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--output-format", dest="output_format", choices=("png", "jpeg", "webp"))
     group.add_argument("--request-id", dest="request_id", metavar="ID",
                        help="idempotency key [default: a fresh one]; repeating a failed call with the same id "
-                            "returns its first answer instead of generating again")
+                            "returns its first answer instead of generating again; alone (no --prompt or --body), "
+                            "polls that earlier request until done")
     group.add_argument("--image", metavar="FILE|oci://…",
                        help="start from this image (image to image): a PNG, JPEG or WebP file, sent in base64, or "
                             "oci://<bucket>@<namespace>/<object>, which the deployment reads itself")
@@ -244,9 +249,14 @@ def main(argv: list[str] | None = None) -> None:
     elif args.command == "delete":
         commands.delete(settings, ref)
     elif args.command == "predict":
-        body = build_predict_body(args.prompt, args.body, {field: flags[field] for field in PREDICT_FIELDS},
-                                  images={"image": args.image, "mask_image": args.mask})
-        commands.predict(settings, ref, body, args.download)
+        overrides = {field: flags[field] for field in PREDICT_FIELDS}
+        images = {"image": args.image, "mask_image": args.mask}
+        if args.prompt is None and args.body is None and args.request_id and not any(
+                value is not None for value in [*images.values(), *overrides.values()] if value != args.request_id):
+            body = {"request_id": args.request_id}  # resume polling an earlier request
+        else:
+            body = build_predict_body(args.prompt, args.body, overrides, images=images)
+        commands.predict(settings, ref, body, args.download, wait=not args.no_wait)
 
 
 if __name__ == "__main__":

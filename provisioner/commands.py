@@ -234,10 +234,15 @@ def delete(settings: DeploySettings, ref: str) -> None:
 
 # --- predict ---------------------------------------------------------------------------------
 
-def predict(settings: DeploySettings, ref: str, body: dict[str, Any], download_dir: Path | None) -> None:
-    """Send one signed predict request (never retried), print the JSON answer, optionally save the images."""
-    # Our own request id makes a failed call safe to repeat: the service answers a known id from memory.
-    body = {**body, "request_id": body.get("request_id") or uuid.uuid4().hex}
+def predict(settings: DeploySettings, ref: str, body: dict[str, Any], download_dir: Path | None,
+            wait: bool = True) -> None:
+    """Send one signed predict request (never resent) that does not wait on the server, poll its id until done
+    (unless not `wait`), print the JSON answer, optionally save the images. `body` of a request_id alone polls."""
+    polling = set(body) == {"request_id"}
+    if not polling:
+        # Our own request id makes a failed call safe to repeat, and lets us poll: the server answers 202 at once
+        # and we ask again, well inside Model Deployment's 60 s limit on each call, however long it takes.
+        body = {"wait": False, **body, "request_id": body.get("request_id") or uuid.uuid4().hex}
     if settings.dry_run:
         _lookup_dry_run("predict", ref, body=body)
         return
@@ -247,13 +252,20 @@ def predict(settings: DeploySettings, ref: str, body: dict[str, Any], download_d
         warn(f"model deployment {deployment.id} is {deployment.lifecycle_state}")
     endpoint = build.predict_service_endpoint(deployment.model_deployment_url, deployment.id,
                                               settings.model_deployment_endpoint)
+    predict_client = clients.predict_client(auth, endpoint)
     try:
-        answer = operations.call_predict(clients.predict_client(auth, endpoint), deployment.id, body)
+        status, answer = operations.call_predict(predict_client, deployment.id, body)
     except (oci.exceptions.ServiceError, oci.exceptions.RequestException) as exc:
-        if not isinstance(exc, oci.exceptions.ServiceError) or exc.status >= 500:
-            warn(f"the image may have been generated anyway; to retry without generating twice, repeat the call "
-                 f"with --request-id {body['request_id']}")
+        if not polling and (not isinstance(exc, oci.exceptions.ServiceError) or exc.status >= 500):
+            warn(f"the image may have been generated anyway; to get it without generating twice: "
+                 f"python model-deployment.py predict {ref} --request-id {body['request_id']}")
         raise
+    if status == 202 and wait:
+        answer = operations.poll_until_done(
+            lambda: operations.call_predict(predict_client, deployment.id, {"request_id": body["request_id"]}),
+            answer)
+    elif status == 202:
+        info(f"accepted; poll it with: python model-deployment.py predict {ref} --request-id {body['request_id']}")
     result_json(answer)
     if download_dir is not None and isinstance(answer, dict):
         saved = operations.download_images(lambda: clients.object_storage_client(auth, settings), answer, download_dir)

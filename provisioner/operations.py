@@ -5,6 +5,8 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -14,11 +16,12 @@ from oci.object_storage import UploadManager
 # The SDK's own read-callback wrapper (what UploadManager uses); pinned oci==2.189.0 keeps it stable.
 from oci.object_storage.transfer.internal.file_read_callback_stream import FileReadCallbackStream
 from oci.pagination import list_call_get_all_results
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from provisioner import clients
 from provisioner import details as build
 from provisioner.artifact import ArtifactInfo
-from provisioner.console import OperationFailed, StatusLine, byte_progress, info, warn
+from provisioner.console import OperationFailed, StatusLine, byte_progress, err, info, warn
 from provisioner.settings import ConfigError, DeploySettings, how_to_set
 
 MODEL_OCID_PREFIX = "ocid1.datasciencemodel."
@@ -239,14 +242,51 @@ def delete_deployment(client: oci.data_science.DataScienceClient, deployment: ds
 # --- predict ---------------------------------------------------------------------------------
 
 def call_predict(client: oci.model_deployment.ModelDeploymentClient, deployment_id: str,
-                 body: dict[str, Any]) -> Any:
-    """One signed POST to the deployment's predict route (the client has no retries); the JSON answer."""
+                 body: dict[str, Any]) -> tuple[int, Any]:
+    """One signed POST to the deployment's predict route (the client has no retries); the status and JSON answer."""
     with clients.no_resend_on_header_errors():
         response = client.predict(deployment_id, body)
     try:
-        return json.loads(response.data)
+        return response.status, json.loads(response.data)
     except (TypeError, json.JSONDecodeError):
-        return response.data
+        return response.status, response.data
+
+
+POLL_ATTEMPTS = 5  # a poll that fails in transit is sent again (polling generates nothing); this often in a row
+MAX_POLL_INTERVAL = 10.0
+
+
+def poll_until_done(poll: Callable[[], tuple[int, Any]], pending: dict[str, Any],
+                    sleep: Callable[[float], None] = time.sleep) -> Any:
+    """Poll a request accepted with 202 until its answer comes, showing its place in line or its steps.
+
+    Waits what the server's `retry_after` says (1 to 10 s) between polls; a poll lost to the network or a 5xx is
+    sent again, up to `POLL_ATTEMPTS` times in a row. Any other error (the request failed) is raised.
+    """
+    request_id, failures = pending["request_id"], 0
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=err, transient=False) as progress:
+        task = progress.add_task(f"{request_id}: queued", total=None)
+        while True:
+            step = pending.get("progress") or {}
+            where = f" (position {pending['position']})" if pending.get("position") else ""
+            progress.update(task, description=f"{request_id}: {pending['status']}{where}",
+                            total=step.get("steps"), completed=step.get("step", 0))
+            sleep(min(MAX_POLL_INTERVAL, max(1.0, float(pending.get("retry_after") or 1))))
+            try:
+                status, answer = poll()
+            except (oci.exceptions.ServiceError, oci.exceptions.RequestException) as exc:
+                transient = not isinstance(exc, oci.exceptions.ServiceError) or exc.status >= 500 or exc.status == 429
+                failures += 1
+                if not transient or failures >= POLL_ATTEMPTS:
+                    raise
+                continue
+            failures = 0
+            if status != 202:
+                if step.get("steps"):
+                    progress.update(task, completed=step["steps"])
+                return answer
+            pending = answer
 
 
 def download_images(storage_factory: Any, answer: dict[str, Any], directory: Path) -> list[Path]:

@@ -404,7 +404,7 @@ def test_predict_sends_exactly_one_request_when_the_endpoint_answers_500(cloud):
     assert predict.path == f"/{deployment['id']}/predict"
     sent = predict.json()
     assert re.fullmatch(r"[0-9a-f]{32}", sent.pop("request_id"))  # made by the client, so a retry is safe
-    assert sent == {"prompt": "a lighthouse at dusk", "seed": 7}
+    assert sent == {"prompt": "a lighthouse at dusk", "seed": 7, "wait": False}
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert "500 internal: generation failed" in result.stderr
     assert f"--request-id {predict.json()['request_id']}" in result.stderr
@@ -440,7 +440,7 @@ def test_predict_turns_off_the_sdks_own_resend_on_bad_response_headers(cloud, mo
     settings = resolve_settings({"config_file": str(cloud.credentials.config_file)}, {}, None)
     client = clients.predict_client(clients.build_auth(settings), cloud.data_science.endpoint)
 
-    assert operations.call_predict(client, deployment["id"], {"prompt": "x"}) == {"request_id": "r"}
+    assert operations.call_predict(client, deployment["id"], {"prompt": "x"}) == (200, {"request_id": "r"})
     assert during_call == ["0"] and clients.HEADER_RESEND_ENV not in os.environ
 
 
@@ -463,7 +463,7 @@ def test_predict_prints_the_answer_and_downloads_stored_and_inline_images(cloud)
 
     assert json.loads(result.stdout) == answer
     assert only(cloud.data_science.seen("POST", "/predict")).json() == \
-        {"prompt": "x", "num_images": 2, "num_inference_steps": 10, "request_id": "r1"}
+        {"prompt": "x", "num_images": 2, "num_inference_steps": 10, "request_id": "r1", "wait": False}
     assert (cloud.workdir / "images" / "r1-0.png").read_bytes() == stored_png
     assert (cloud.workdir / "images" / "r1-1.png").read_bytes() == inline_png
     assert only(cloud.storage.seen("GET")).path == "/n/testnamespace/b/images/o/sd3%2F2026%2F11%2F25%2Fr1-0.png"
@@ -481,7 +481,7 @@ def test_predict_sends_an_image_file_in_base64_and_an_oci_mask_as_is(cloud):
 
     sent = only(cloud.data_science.seen("POST", "/predict")).json()
     assert sent == {"prompt": "a lighthouse", "image": base64.b64encode(start).decode(), "strength": 0.6,
-                    "mask_image": "oci://inputs@testnamespace/masks/left.png", "request_id": sent["request_id"]}
+                    "mask_image": "oci://inputs@testnamespace/masks/left.png", "request_id": sent["request_id"], "wait": False}
 
 
 def test_predict_with_an_image_file_that_is_not_there_sends_nothing(cloud):
@@ -490,6 +490,64 @@ def test_predict_with_an_image_file_that_is_not_there_sends_nothing(cloud):
     result = cloud.run("predict", deployment["id"], "--prompt", "a lighthouse", "--image", "missing.png")
     assert result.returncode != 0 and "--image: cannot read missing.png" in result.stderr
     assert not cloud.data_science.seen("POST", "/predict")
+
+
+def _answers_in_turn(*replies):
+    """A predict endpoint that answers each call with the next reply (the last one for ever after)."""
+    replies = list(replies)
+
+    def answer(request, deployment):
+        reply = replies.pop(0) if len(replies) > 1 else replies[0]
+        return reply(request) if callable(reply) else reply
+    return answer
+
+
+def test_predict_sends_without_waiting_and_polls_its_id_until_done(cloud):
+    model = cloud.data_science.add_model(COMPARTMENT_ID, "sd3-medium")
+    deployment = cloud.data_science.add_deployment(COMPARTMENT_ID, "sd3-medium", model["id"])
+    done = {"request_id": "slow-1", "seed": 3, "images": [], "timings_ms": {}}
+    cloud.data_science.predict_handler = _answers_in_turn(
+        json_reply(202, {"request_id": "slow-1", "status": "queued", "position": 2, "progress": None,
+                         "retry_after": 1}),
+        json_reply(202, {"request_id": "slow-1", "status": "running", "position": None,
+                         "progress": {"step": 10, "steps": 28}, "retry_after": 1}),
+        json_reply(503, {"code": "ServiceUnavailable", "message": "a blip"}),  # a poll lost: sent again
+        json_reply(200, done))
+
+    result = ok(cloud.run("predict", deployment["id"], "--prompt", "a slow lighthouse", "--request-id", "slow-1"))
+
+    assert json.loads(result.stdout) == done
+    calls = [request.json() for request in cloud.data_science.seen("POST", "/predict")]
+    assert calls[0] == {"prompt": "a slow lighthouse", "request_id": "slow-1", "wait": False}
+    assert calls[1:] == [{"request_id": "slow-1"}] * 3  # polls carry the id alone: they never generate
+    assert "slow-1: running" in result.stderr
+
+
+def test_predict_no_wait_prints_the_202_and_request_id_alone_resumes(cloud):
+    model = cloud.data_science.add_model(COMPARTMENT_ID, "sd3-medium")
+    deployment = cloud.data_science.add_deployment(COMPARTMENT_ID, "sd3-medium", model["id"])
+    pending = {"request_id": "later-1", "status": "queued", "position": 1, "progress": None, "retry_after": 1}
+    cloud.data_science.predict_handler = _answers_in_turn(json_reply(202, pending))
+    accepted = ok(cloud.run("predict", deployment["id"], "--prompt", "later", "--request-id", "later-1",
+                            "--no-wait"))
+    assert json.loads(accepted.stdout) == pending and "--request-id later-1" in accepted.stderr
+    assert len(cloud.data_science.seen("POST", "/predict")) == 1
+
+    done = {"request_id": "later-1", "seed": 1, "images": [], "timings_ms": {}}
+    cloud.data_science.predict_handler = _answers_in_turn(json_reply(200, done))
+    resumed = ok(cloud.run("predict", deployment["id"], "--request-id", "later-1"))
+    assert json.loads(resumed.stdout) == done
+    assert cloud.data_science.seen("POST", "/predict")[-1].json() == {"request_id": "later-1"}
+
+
+def test_predict_polling_stops_at_the_requests_own_error(cloud):
+    model = cloud.data_science.add_model(COMPARTMENT_ID, "sd3-medium")
+    deployment = cloud.data_science.add_deployment(COMPARTMENT_ID, "sd3-medium", model["id"])
+    cloud.data_science.predict_handler = _answers_in_turn(
+        json_reply(404, {"code": "unknown_request", "message": "no request 'gone-1' was ever accepted"}))
+    result = cloud.run("predict", deployment["id"], "--request-id", "gone-1")
+    assert result.returncode != 0 and "gone-1" in result.stderr
+    assert len(cloud.data_science.seen("POST", "/predict")) == 1
 
 
 def _stored(data: bytes) -> StoredObject:

@@ -17,7 +17,7 @@ from starlette.responses import JSONResponse, RedirectResponse
 
 from sd3_service import __version__
 from sd3_service.contract import (CONTENT_TYPES, ErrorResponse, HealthResponse, ImageParameters, Img2ImgParameters,
-                                  PredictRequest, PredictResponse)
+                                  PendingResponse, PollRequest, PredictRequest, PredictResponse)
 
 OPENAPI_VERSION = "3.0.2"
 DOCUMENT_ROUTES = ("/docs.json", "/openapi.json")
@@ -26,7 +26,9 @@ Stable Diffusion 3 Medium: text to image, image to image and inpainting. `POST /
 prompt, or from a starting `image`, repainting only the white area of a `mask_image` if one is sent), stores
 every image (an OCI Object Storage bucket, or a local folder) and answers where each one is; `GET /health`
 says whether the model is loaded. Every error is JSON `{"error": {"code", "message", "field", "problems"}}`. A request with a
-`request_id` can be sent again safely: the same id answers the first answer without generating again.
+`request_id` can be sent again safely, to any instance: the same id answers the first answer without
+generating again. A request not done within the server's wait (or sent with `"wait": false`) is answered
+202 with its status, and polled with `{"request_id": ...}` alone.
 """
 _REF = "#/components/schemas/{model}"
 _RETRY_AFTER = {"Retry-After": {"description": "seconds to wait before trying again",
@@ -75,8 +77,9 @@ def _error(description: str, headers: dict | None = None) -> dict[str, Any]:
     return response
 
 
-def _errors(inputs: bool = False) -> dict[str, Any]:
-    """What a generating route answers besides 200; `inputs`: it takes starting images, maybe from a bucket."""
+def _errors(inputs: bool = False, ledger: bool = False) -> dict[str, Any]:
+    """What a generating route answers besides 200; `inputs`: it takes starting images, maybe from a bucket;
+    `ledger`: it takes request ids (repeats, polls)."""
     errors = {
         "400": _error("`invalid_input` (every invalid field in `problems`) or `malformed_json`"),
         "413": _error("`payload_too_large`: the body is over the size limit (10 MB)"),
@@ -84,11 +87,18 @@ def _errors(inputs: bool = False) -> dict[str, Any]:
         "500": _error("`internal_error`: a bug; the server log has the details"),
         "503": _error("`not_ready`: the model is loading, or failed to load (see the health route)"
                       + ("; `input_unavailable`: Object Storage cannot be reached to read an `oci://` input"
-                         if inputs else ""), _RETRY_AFTER),
+                         if inputs else "")
+                      + ("; `ledger_unavailable`: the request records cannot be read to answer a poll"
+                         if ledger else ""), _RETRY_AFTER),
     }
     if inputs:
         errors["404"] = _error("`input_not_found`: an `oci://` input does not exist, or this deployment may not "
-                               "read it; `field` names which")
+                               "read it; `field` names which"
+                               + ("; `unknown_request`: a polled request_id was never accepted" if ledger else ""))
+    if ledger:
+        errors["409"] = _error("`request_id_reused`: the request_id was first sent with other parameters (`message` "
+                               "names each); `request_interrupted`: its server stopped before it finished, send "
+                               "the same request again")
     return dict(sorted(errors.items()))
 
 
@@ -105,15 +115,24 @@ def api_document(bentoml_paths: dict[str, Any], predict_route: str, health_route
         path: copy.deepcopy(item) for path, item in bentoml_paths.items()
         if "Infrastructure" in next(iter(item.values()), {}).get("tags", [])
     }
+    request_or_poll = {"oneOf": [_component(PredictRequest, "validation", schemas),
+                                 _component(PollRequest, "validation", schemas)]}
     paths[predict_route] = {"post": {
         "operationId": "predict",
-        "summary": "Generate images, store them, and answer where they are",
-        "description": "The same `request_id` sent again answers the first answer without generating again.",
-        "requestBody": _json_body(_component(PredictRequest, "validation", schemas)),
+        "summary": "Generate images, store them, and answer where they are; or poll an earlier request",
+        "description": "The same `request_id` sent again answers the first answer without generating again (with "
+                       "other parameters: 409). `{\"request_id\": ...}` alone polls: 200 with the answer once "
+                       "done, 202 with the status before.",
+        "requestBody": _json_body(request_or_poll),
         "responses": {"200": {"description": "the generated images and where they are stored",
                               "content": {"application/json": {
                                   "schema": _component(PredictResponse, "serialization", schemas)}}},
-                      **_errors(inputs=True)},
+                      "202": {"description": "accepted, not done yet (`wait: false`, or not done within the "
+                                             "server's wait): poll with the request_id after `Retry-After`",
+                              "headers": _RETRY_AFTER,
+                              "content": {"application/json": {
+                                  "schema": _component(PendingResponse, "serialization", schemas)}}},
+                      **_errors(inputs=True, ledger=True)},
     }}
     paths["/txt2img"] = {"post": {
         "operationId": "txt2img",

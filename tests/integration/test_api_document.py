@@ -35,11 +35,17 @@ def test_every_error_status_is_declared_with_the_services_own_body(server):
     for route in ("/predict", "/txt2img", "/img2img"):
         responses = document["paths"][route]["post"]["responses"]
         takes_inputs = {"404"} if route != "/txt2img" else set()  # an oci:// input that is not there
-        assert set(responses) == {"200", "400", "413", "429", "500", "503"} | takes_inputs, route
-        for status in ("400", "413", "429", "500", "503", *takes_inputs):
+        takes_ids = {"409"} if route == "/predict" else set()  # a reused or interrupted request_id
+        assert set(responses) - {"202"} == {"200", "400", "413", "429", "500", "503"} | takes_inputs | takes_ids
+        for status in ("400", "413", "429", "500", "503", *takes_inputs, *takes_ids):
             assert responses[status]["content"]["application/json"]["schema"] == error_ref, (route, status)
         assert "Retry-After" in responses["429"]["headers"] and "Retry-After" in responses["503"]["headers"]
         assert document["paths"][route]["post"]["requestBody"]["required"] is True
+    predict = document["paths"]["/predict"]["post"]
+    assert predict["responses"]["202"]["content"]["application/json"]["schema"] == \
+        {"$ref": "#/components/schemas/PendingResponse"} and "Retry-After" in predict["responses"]["202"]["headers"]
+    assert predict["requestBody"]["content"]["application/json"]["schema"]["oneOf"] == [
+        {"$ref": "#/components/schemas/PredictRequest"}, {"$ref": "#/components/schemas/PollRequest"}]
     error = document["components"]["schemas"]["ErrorDetail"]
     assert set(error["properties"]) == {"code", "message", "field", "problems"}
     assert set(document["paths"]["/health"]["get"]["responses"]) == {"200", "503"}
