@@ -13,6 +13,10 @@ the real server (`bentoml serve`, a subprocess on loopback):
     per-stage breakdown (`timings_ms`). Configurations: the local store with fpng (the service as
     shipped), the local store with Pillow's encoder (fpng hidden), and, when the Object Storage store
     and its fake exist, an OCI Object Storage endpoint on loopback.
+(c) the request ledger, on the Object Storage configuration: the store calls each request makes (the
+    fake counts them: records against images), and the time of the two record calls a request waits
+    on (the conditional create that claims it and the conditional replace that records its answer),
+    made through the same SDK client on the same loopback endpoint, against the request's own latency.
 (b) throughput and p50/p95 latency at 1, 2, 4 and 8 closed-loop clients, for the service and for a
     naive baseline (`bench/naive_service`: generate, encode with Pillow's defaults and store, serially
     inside the request), both running at once and measured in interleaved rounds together with the
@@ -69,6 +73,7 @@ class Plan:
     requests_per_client: int
     load_rounds: int  # each concurrency level is measured this many times, interleaved with the others
     reference_samples: int  # in-process generations per round
+    ledger_requests: int = 20  # sequential requests for (c)
 
 
 PLANS = {
@@ -77,7 +82,7 @@ PLANS = {
     "quick": Plan(size=1024, steps=28, samples=3, throughput_size=1024, throughput_steps=4,
                   concurrency=[1, 2, 4, 8], requests_per_client=2, load_rounds=1, reference_samples=3),
     "smoke": Plan(size=256, steps=2, samples=2, throughput_size=256, throughput_steps=2,
-                  concurrency=[1, 2], requests_per_client=2, load_rounds=1, reference_samples=2),
+                  concurrency=[1, 2], requests_per_client=2, load_rounds=1, reference_samples=2, ledger_requests=3),
 }
 
 
@@ -148,6 +153,9 @@ def object_storage_available() -> bool:
     return True
 
 
+STORES: dict = {}  # store kind -> its loopback fake, while it runs
+
+
 @contextmanager
 def store_environment(store: str, workdir: Path):
     """Environment variables for the server's store; for `object_storage`, a fake OCI endpoint on loopback."""
@@ -160,6 +168,7 @@ def store_environment(store: str, workdir: Path):
     credentials = resource_principal(workdir / "oci")  # what Model Deployment gives the container
     with FakeObjectStorage(namespace="benchns", buckets=("images",)) as fake:
         fake.trust(credentials)  # the fake checks every request's signature against this key
+        STORES[store] = fake
         yield {**credentials.env, "BUCKET_NAME": "images", "NAMESPACE": "benchns", "OCI_AUTH": "resource_principal",
                "OCI_OBJECT_STORAGE_ENDPOINT": fake.endpoint}
 
@@ -390,6 +399,54 @@ def measure_throughput(servers: dict[str, Server], reference: InProcess, plan: P
 
 # -- report -------------------------------------------------------------------------------------------
 
+def measure_ledger(server: Server, fake, env: dict[str, str], plan: Plan) -> dict:
+    """(c): the store calls per request, and the time of the two record calls on its path."""
+    from sd3_service.object_storage import ObjectStorageStore
+
+    before = len(fake.requests)
+    latencies = []
+    with httpx.Client(base_url=server.url, timeout=300) as client:
+        for index in range(plan.ledger_requests):
+            answer = predict(client, body(256, 1, index))
+            assert answer.status == 200, answer.json
+            latencies.append(answer.seconds)
+    calls = fake.requests[before:]
+    records = [call for call in calls if "requests%2F" in call.path]
+    kinds: dict[str, int] = {}
+    for call in records:
+        kind = call.method + (" if-none-match" if "if-none-match" in call.headers else "") + \
+            (" if-match" if "if-match" in call.headers else "")
+        kinds[kind] = kinds.get(kind, 0) + 1
+    example = records[-1].body  # a real record, as the server wrote it last
+
+    # The same two calls from this process, through the same SDK client type, signed the same way.
+    saved = {name: os.environ.get(name) for name in env}
+    os.environ.update(env)
+    try:
+        store = ObjectStorageStore(bucket="images", namespace="benchns", endpoint=env["OCI_OBJECT_STORAGE_ENDPOINT"])
+        store.check()
+        pair_ms = []
+        for index in range(max(plan.ledger_requests, 10)):
+            name = f"sd3/requests/bench-{uuid.uuid4().hex}.json"
+            began = time.perf_counter()
+            etag = store.create_record(name, example)
+            store.replace_record(name, example, etag)
+            pair_ms.append((time.perf_counter() - began) * 1000)
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+    requests = plan.ledger_requests
+    return {"requests": requests, "request_size": "256x256, 1 step", "store_calls_per_request": len(calls) / requests,
+            "record_calls_per_request": len(records) / requests, "record_call_kinds": kinds,
+            "record_bytes": len(example), "median_record_calls_ms": median(pair_ms),
+            "p95_record_calls_ms": percentile(pair_ms, 0.95), "median_request_ms": ms(median(latencies)),
+            "record_calls_share_of_request": median(pair_ms) / ms(median(latencies)),
+            "targets": {"extra_store_calls": 2, "ms": 20}}
+
+
 def print_report(report: dict) -> None:
     plan = report["plan"]
     print(f"\n(a) serving tax, {plan['size']}x{plan['size']}, {plan['steps']} steps, CFG 7, "
@@ -402,6 +459,16 @@ def print_report(report: dict) -> None:
         print(f"  {name:34} {row['median_in_process_ms']:8.0f} {row['median_end_to_end_ms']:8.0f} "
               f"{row['tax_ms']:7.0f} {row['median_overhead_per_request_ms']:8.0f} {stage['queue']:6.0f} "
               f"{stage['generate']:7.0f} {stage['encode']:7.0f} {stage['store']:6.0f}  <= {target}")
+    ledger = report.get("ledger")
+    if ledger:
+        print(f"\n(c) the request ledger, Object Storage on loopback, {ledger['requests']} sequential requests "
+              f"({ledger['request_size']})")
+        print(f"  store calls per request {ledger['store_calls_per_request']:.1f}, of them record calls "
+              f"{ledger['record_calls_per_request']:.1f} {ledger['record_call_kinds']} (target <= "
+              f"{ledger['targets']['extra_store_calls']} plus renewals)")
+        print(f"  the two record calls: median {ledger['median_record_calls_ms']:.1f} ms, p95 "
+              f"{ledger['p95_record_calls_ms']:.1f} ms (target <= {ledger['targets']['ms']}); "
+              f"{ledger['record_calls_share_of_request']:.1%} of the median request ({ledger['median_request_ms']:.0f} ms)")
     print(f"\n(b) throughput, {plan['throughput_size']}x{plan['throughput_size']}, {plan['throughput_steps']} steps, "
           f"CFG 7, {plan['load_rounds']} interleaved round(s) of {plan['requests_per_client']} requests per client; "
           f"in-process generation {report['throughput_reference']['median_in_process_ms']:.0f} ms (1/gen = "
@@ -508,6 +575,9 @@ def main(argv=None) -> dict:
                     our_service(tmp / f"service{index}", env, hide_fpng) as server:
                 report["serving_tax"][name] = {"store": store, "png_encoder": "pillow" if hide_fpng else "fpng",
                                                **measure_tax(server, reference, plan, hide_fpng)}
+                if store == "object_storage":
+                    print("(c) the request ledger ...", flush=True)
+                    report["ledger"] = measure_ledger(server, STORES[store], env, plan)
                 if index == 0:  # the service as shipped (local store, fpng): also under load, beside the naive one
                     print("(b) service, naive baseline and in-process reference under load, interleaved ...",
                           flush=True)

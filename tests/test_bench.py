@@ -126,6 +126,9 @@ def test_serving_benchmark_smoke(tmp_path):
     assert {row["png_encoder"] for row in tax.values()} == {"fpng", "pillow"}
     if "service, Object Storage (loopback), fpng" in tax:
         assert tax["service, Object Storage (loopback), fpng"]["example_uri"].startswith("oci://")
+        ledger = report["ledger"]  # a claim and a final record per request, counted by the fake
+        assert ledger["record_call_kinds"] == {"PUT if-none-match": 3, "PUT if-match": 3}
+        assert ledger["record_calls_per_request"] == 2 and ledger["median_record_calls_ms"] > 0
     for system in ("service", "naive"):
         rows = report["throughput"][system]
         assert [row["clients"] for row in rows] == report["plan"]["concurrency"]
