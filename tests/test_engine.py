@@ -14,7 +14,10 @@ import pytest
 from sd3_service.jobs import JobBook
 from sd3_service.contract import PredictRequest
 from sd3_service.device_pool import DevicePool, NotReady, QueueFull
-from sd3_service.engine import Engine
+from sd3_service.contract import PendingResponse
+from sd3_service.engine import Engine, RequestProblem
+from sd3_service.ledger import Ledger
+from sd3_service.records import LocalRecords
 from sd3_service.image_writer import ImageWriter
 from sd3_service.model_loading import LoadedWeights, ModelSource, place_pipeline
 from sd3_service.settings import Settings
@@ -65,7 +68,7 @@ class GatedStore(LocalFolderStore):
 
 
 def make_engine(tiny, store, tmp_path, devices=("cpu",), max_queue=4, calls=None, gate=None,
-                store_params=False) -> Engine:
+                store_params=False, ledger=None, max_jobs=64) -> Engine:
     """An engine on the real pool and writer, with the production placement of the tiny pipeline on each device."""
     source = ModelSource("tiny", "tiny", "test")
     settings = Settings(sd3_model="tiny")
@@ -77,7 +80,7 @@ def make_engine(tiny, store, tmp_path, devices=("cpu",), max_queue=4, calls=None
     pool = DevicePool(lambda: list(devices), lambda names: LoadedWeights(pipe=tiny, source=source, dtype="float32"),
                       place, max_queue=max_queue)
     writer = ImageWriter(SpoolingStore(store, Spool(tmp_path / "spool")), store_params=store_params)
-    return Engine(pool, writer, JobBook())
+    return Engine(pool, writer, JobBook(), ledger=ledger, max_jobs=max_jobs)
 
 
 def ready(engine: Engine) -> Engine:
@@ -301,4 +304,78 @@ def test_a_device_that_fails_during_a_request_fails_that_request_and_the_others_
     assert first["state"] == "failed" and "CUDA error" in first["error"]
     assert second == {"device": "cpu", "state": "ready"} and engine.health().status == "ready"
     assert after.response.images[0].stored
+    engine.shutdown()
+
+
+def test_max_jobs_bounds_what_is_held_and_max_queue_what_a_waiting_caller_waits_behind(tiny, tmp_path):
+    gate = threading.Event()
+
+    class Held(LocalFolderStore):  # the first image's store waits for the gate: its request stays held
+        def put(self, image):
+            gate.wait(30)
+            return super().put(image)
+
+    engine = ready(make_engine(tiny, Held(tmp_path), tmp_path, max_queue=0, max_jobs=2))
+
+    async def scenario():
+        first = await engine.run(PredictRequest(prompt="a", wait=False, **SMALL))
+        second = await engine.run(PredictRequest(prompt="b", wait=False, **SMALL))
+        assert isinstance(first, PendingResponse) and isinstance(second, PendingResponse)
+        with pytest.raises(QueueFull):  # a third held request: over MAX_JOBS
+            await engine.run(PredictRequest(prompt="c", wait=False, **SMALL))
+        gate.set()
+        for pending in (first, second):
+            while isinstance(await engine.poll(pending.request_id), PendingResponse):
+                await asyncio.sleep(0.05)
+        return await engine.run(PredictRequest(prompt="d", **SMALL))
+
+    async def waiting_caller_refused():
+        gate.clear()
+        held = await engine.run(PredictRequest(prompt="e", wait=False, **SMALL))
+        while engine.pool._admitted:  # generated, and now held by its store
+            await asyncio.sleep(0.05)
+        blocker = await engine.run(PredictRequest(prompt="f", wait=False, **SMALL))
+        with pytest.raises(QueueFull):  # the device is taken and MAX_QUEUE=0: a waiting caller may wait behind none
+            await engine.run(PredictRequest(prompt="g", **SMALL))
+        gate.set()
+        for pending in (held, blocker):
+            while isinstance(await engine.poll(pending.request_id), PendingResponse):
+                await asyncio.sleep(0.05)
+
+    assert asyncio.run(scenario()).response.images
+    asyncio.run(waiting_caller_refused())
+    engine.shutdown()
+
+
+class FailsOnce:
+    """The tiny pipeline, failing its first call as a bug in the service would."""
+
+    def __init__(self, pipe):
+        self.pipe, self.failed = pipe, False
+
+    def __call__(self, **kwargs):
+        if kwargs["prompt"] != "warm-up" and not self.failed:
+            self.failed = True
+            raise RuntimeError("a bug")
+        return self.pipe(**kwargs)
+
+
+def test_a_service_failure_is_recorded_for_polls_and_the_same_request_runs_again(tiny, tmp_path):
+    ledger = Ledger(LocalRecords(tmp_path / "records"), "sd3/", lease_seconds=30, owner="me")
+    engine = ready(make_engine(tiny, LocalFolderStore(tmp_path), tmp_path, ledger=ledger))
+    placed = engine.pool.devices[0].pipeline
+    placed.pipe = FailsOnce(placed.pipe)  # after the warm-up
+    request = PredictRequest(prompt="a harbour", request_id="fails-once", **SMALL)
+
+    async def scenario():
+        with pytest.raises(RuntimeError):
+            await engine.run(request)
+        with pytest.raises(RequestProblem) as polled:
+            await engine.poll("fails-once")
+        assert (polled.value.status, polled.value.code) == (500, "internal_error")
+        return await engine.run(request)  # a service failure: the same request runs again
+
+    assert asyncio.run(scenario()).response.request_id == "fails-once"
+    record, _ = ledger.read("fails-once")
+    assert record.state == "done" and record.error is None
     engine.shutdown()

@@ -225,21 +225,22 @@ class Engine:
                 _log(job.request_id).info("Answering the recorded answer (owner %s)", record.owner)
                 job.state = "done"
                 return Generation(response=PredictResponse.model_validate(record.answer), files=[])
-            if record.state == "failed":
-                raise RequestProblem(**record.error)
-            if not record.lease_live():
+            if record.state == "failed" and record.error["status"] < 500:
+                raise RequestProblem(**record.error)  # the request's own fault: it would fail again
+            if record.state == "failed" or not record.lease_live():  # a service failure, or a dead owner
                 taken = await self._in_io(self.ledger.take_over, record, etag)
                 if taken is not None:
-                    _log(job.request_id).warning("Took over from %s, whose lease expired: generating again with "
-                                                 "seed %d under the same names", record.owner, record.seed)
+                    _log(job.request_id).warning("Took over from %s (%s): generating again with seed %d under the "
+                                                 "same names", record.owner, "it failed" if record.state == "failed"
+                                                 else "its lease expired", record.seed)
                     job.record, job.etag = taken
                     job.seed, job.day, job.state = record.seed, record.day, "queued"
                     return None
             await asyncio.sleep(interval)
             found = await self._in_io(self.ledger.read, job.request_id)
-            if found is None:  # released (its owner failed in a way a retry may not): claim it afresh
-                record = self.ledger.new_record(job.request_id, job.seed, job.parameters, job.day)
-                claim = await self._in_io(self.ledger.claim, record)
+            if found is None:  # deleted (a lifecycle rule): claim it afresh
+                claim = await self._in_io(self.ledger.claim, self.ledger.new_record(
+                    job.request_id, job.seed, job.parameters, job.day))
                 if claim.mine:
                     job.record, job.etag = claim.record, claim.etag
                     return None
@@ -307,23 +308,17 @@ class Engine:
                                           if_absent=if_absent))
 
     async def _close_failed(self, job: Job, exc: BaseException) -> None:
-        """A failed job's record: kept as `failed` when a retry would fail the same way (its input), else
-        deleted, so the id can be sent again."""
+        """Record a failed job's error, so that a poll answers it. The same request sent again meets the same
+        error when it was its own (4xx: its input); a failure of the service (5xx) is run again instead."""
         job.state = "failed"
-        if self.ledger is None or job.record is None or job.etag is None:
-            return
+        if self.ledger is None or job.record is None or job.etag is None or isinstance(exc, asyncio.CancelledError):
+            return  # not ours to write; or the server is stopping: the lease expires and another takes over
         async with job.lock:
             try:
-                if isinstance(exc, InputError) and exc.status < 500:
-                    error = {"status": exc.status, "code": exc.code, "message": str(exc), "field": exc.field}
-                    await self._in_io(self.ledger.write, replace(job.record, state="failed", error=error,
-                                                                 lease_expires=0.0), job.etag)
-                elif isinstance(exc, RequestProblem) and exc.status < 500:
-                    pass  # the record is someone else's (a reused id): leave it
-                else:
-                    await self._in_io(self.ledger.release, job.record, job.etag)
+                await self._in_io(self.ledger.write, replace(job.record, state="failed", error=failure(exc),
+                                                             lease_expires=0.0), job.etag)
             except StoreError as store_error:
-                _log(job.request_id).warning("Cannot close its record (%s): it expires with its lease", store_error)
+                _log(job.request_id).warning("Cannot record its failure (%s): it expires with its lease", store_error)
             job.etag = None
 
     def _start_renewing(self) -> None:
@@ -397,6 +392,18 @@ class Engine:
         self.pool.shutdown()
         self._io.shutdown(wait=True)
         self.writer.stop()
+
+
+def failure(exc: BaseException) -> dict:
+    """The error a failed request answers, as its record keeps it (no internals: the log has those)."""
+    if isinstance(exc, (InputError, RequestProblem)):
+        return {"status": exc.status, "code": exc.code, "message": str(exc), "field": exc.field}
+    if isinstance(exc, NotReady):
+        return {"status": 503, "code": "not_ready", "message": str(exc), "field": None}
+    if isinstance(exc, QueueFull):
+        return {"status": 429, "code": "queue_full", "message": str(exc), "field": None}
+    return {"status": 500, "code": "internal_error", "message": "generation failed; the server log has the details",
+            "field": None}
 
 
 def _refuse_if_reused(request_id: str, recorded: dict, sent: dict, recorded_seed: int) -> None:

@@ -83,9 +83,11 @@ class ImageWriter:
         metadata = image_metadata(request, seed, model, inputs)
         stored = []
         for index, file in enumerate(files):
+            # Only where nothing has the name yet: an object named in an answer never gets other bytes (a
+            # takeover makes the same bytes under the same names, and keeps what the first owner stored).
             image = ImageObject(name=image_name(self.object_prefix, request_id, index, file.extension, now),
                                 data=file.data, content_type=file.content_type, metadata=metadata,
-                                request_id=request_id)
+                                request_id=request_id, if_absent=True)
             result = self.store.put(image)
             where = result.location
             stored.append(StoredImage(
@@ -127,7 +129,7 @@ class ImageWriter:
         }
         self.store.put(ImageObject(name=sidecar_name(self.object_prefix, request_id, now),
                                    data=json.dumps(record, indent=1).encode(), content_type="application/json",
-                                   metadata=metadata, request_id=request_id))
+                                   metadata=metadata, request_id=request_id, if_absent=True))
 
 
 def image_metadata(request: PredictRequest, seed: int, model: str, inputs: Inputs = NO_INPUTS) -> dict[str, str]:

@@ -145,7 +145,7 @@ class Ledger:
         except RecordExists:
             pass
         found = self.read(record.request_id)
-        if found is None:  # deleted between the two calls (a released claim): try once more
+        if found is None:  # deleted between the two calls (a lifecycle rule): try once more
             return self.claim(record)
         existing, etag = found
         # A create whose answer was lost and whose retry met the first attempt's object is still this claim.
@@ -173,13 +173,6 @@ class Ledger:
     def renewed(self, record: Record) -> Record:
         record.lease_expires = self._lease()
         return record
-
-    def release(self, record: Record, etag: str) -> None:
-        """Delete a claim whose request failed for a reason a retry may not meet (the id may be sent again)."""
-        try:
-            self.records.delete_record(self.name(record.request_id), etag)
-        except RecordChanged:
-            pass
 
     def _lease(self) -> float:
         return time.time() + self.lease_seconds

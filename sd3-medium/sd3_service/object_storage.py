@@ -267,14 +267,6 @@ class ObjectStorageStore:
             raise StoreError(self._explain(exc)) from None
         return response.headers.get("etag", "")
 
-    def delete_record(self, name: str, etag: str) -> None:
-        try:
-            self._record_call(self.client().delete_object, name, if_match=etag)
-        except oci.exceptions.ServiceError as exc:
-            if exc.status in (404, 412):
-                raise RecordChanged(name) from None
-            raise StoreError(self._explain(exc)) from None
-
     def _record_call(self, operation, name: str, *args, **kwargs):
         """One record call within `RECORD_BUDGET_SECONDS`; service errors reach the caller, the rest is StoreError."""
         if not self.namespace:

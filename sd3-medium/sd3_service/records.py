@@ -25,7 +25,7 @@ class RecordExists(Exception):
 
 
 class RecordChanged(Exception):
-    """A replace or delete found the record changed (or gone) since it was read: someone else wrote it."""
+    """A replace found the record changed (or gone) since it was read: someone else wrote it."""
 
 
 class RecordStore(Protocol):
@@ -39,9 +39,6 @@ class RecordStore(Protocol):
 
     def replace_record(self, name: str, data: bytes, etag: str) -> str:
         """Replace the record read with `etag`; the new etag. `RecordChanged` if it changed since."""
-
-    def delete_record(self, name: str, etag: str) -> None:
-        """Delete the record read with `etag`. `RecordChanged` if it changed since."""
 
 
 def content_etag(data: bytes) -> str:
@@ -88,12 +85,6 @@ class LocalRecords:
             except OSError as exc:
                 raise StoreError(f"cannot write {path}: {exc.strerror or exc}") from exc
         return content_etag(data)
-
-    def delete_record(self, name: str, etag: str) -> None:
-        path = self._path(name)
-        with self._locked(path):
-            self._check(path, etag)
-            path.unlink(missing_ok=True)
 
     # -- internals
 
