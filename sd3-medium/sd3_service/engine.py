@@ -355,6 +355,8 @@ class Engine:
     # -- answers ------------------------------------------------------------------------------------
 
     async def _outcome(self, job: Job, wait: bool, sync_wait: float | None) -> Generation | PendingResponse:
+        if job.answer is not None:  # done: images the spool has stored since are answered as stored
+            return Generation(response=self.writer.as_stored_since(job.answer), files=[])
         if job.work.done() or wait:
             try:
                 result = await asyncio.wait_for(asyncio.shield(job.work), None if job.work.done() else sync_wait)

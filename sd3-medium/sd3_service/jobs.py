@@ -11,7 +11,7 @@ import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
-from sd3_service.contract import PredictRequest
+from sd3_service.contract import PredictRequest, PredictResponse
 from sd3_service.ledger import Record
 
 
@@ -20,12 +20,13 @@ class Job:
     """One request this process holds, and where it stands."""
 
     request_id: str
-    request: PredictRequest
+    request: PredictRequest | None  # dropped once done: it may hold megabytes of input image
     parameters: dict  # as the ledger records them (to refuse the id reused with other ones)
     seed: int
     day: str  # yyyy/mm/dd of its image names
     state: str = "queued"  # "queued" | "running" | "done" | "failed"
-    work: asyncio.Future | None = None
+    work: asyncio.Future | None = None  # dropped once done, with the encoded images it ended with
+    answer: PredictResponse | None = None  # once done
     record: Record | None = None  # its record as last written; None: not in the ledger
     etag: str | None = None
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # one ledger write at a time
@@ -76,6 +77,8 @@ class JobBook:
         if work.cancelled() or work.exception() is not None:
             self.forget(job)  # the id may be sent again (a recorded failure is answered by the ledger)
             return
+        # Kept: the answer. Dropped: the input images and the encoded output (callers waiting have their own).
+        job.answer, job.request, job.work = work.result().response, None, None
         finished = [rid for rid, held in self._jobs.items() if not held.active]
         for request_id in finished[:max(0, len(finished) - self.size)]:
             del self._jobs[request_id]
