@@ -124,8 +124,9 @@ def test_health_describes_the_bucket(server, fake):
 
 
 def test_a_burst_of_503_and_429_is_retried_and_the_image_stored(server, fake):
-    fake.fail_next(2, 503, when=lambda r: r.method == "PUT")
-    fake.fail_next(1, 429, when=lambda r: r.method == "PUT")
+    image_put = lambda r: r.method == "PUT" and "requests%2F" not in r.path  # noqa: E731 - not the ledger's
+    fake.fail_next(2, 503, when=image_put)
+    fake.fail_next(1, 429, when=image_put)
 
     answer = predict(server, {"prompt": PROMPT, **SMALL}).json()
 
@@ -146,10 +147,11 @@ def test_an_outage_answers_the_image_inline_and_stores_it_when_the_bucket_is_bac
     data = base64.b64decode(image["data"])
     assert hashlib.sha256(data).hexdigest() == image["sha256"] and "url" not in image
     sidecar = image["object_name"].rsplit("-", 1)[0] + ".json"
+    record = f"sd3/requests/{response.json()['request_id']}.json"  # the ledger's, written once the store is back
     spooled = {kept.image.name: kept.image.data for kept in map(server.spool.load, server.spool.pending())}
-    assert spooled.keys() == {image["object_name"], sidecar} and spooled[image["object_name"]] == data
+    assert spooled.keys() == {image["object_name"], sidecar, record} and spooled[image["object_name"]] == data
     store = health_store(server)
-    assert store["state"] == "failing" and store["spooled"] == 2 and "503" in store["error"]
+    assert store["state"] == "failing" and store["spooled"] == 3 and "503" in store["error"]
     assert fake.object("images", image["object_name"]) is None
 
     fake.restore()
@@ -157,6 +159,7 @@ def test_an_outage_answers_the_image_inline_and_stores_it_when_the_bucket_is_bac
     wait_until(lambda: health_store(server)["spooled"] == 0)
     assert fake.object("images", image["object_name"]).data == data
     assert json.loads(fake.object("images", sidecar).data)["images"][0]["sha256"] == image["sha256"]
+    assert json.loads(fake.object("images", record).data)["answer"]["images"][0]["sha256"] == image["sha256"]
     assert server.spool.pending() == [] and health_store(server)["state"] == "ok"
 
     # The client's retry with the same request_id now learns the image is stored, and gets no inline copy.
@@ -182,7 +185,9 @@ def test_a_missing_credential_keeps_images_and_a_restart_with_one_uploads_them(f
     assert [i["stored"] for i in images] == [False, False]
     log = broken.log()
     assert log.count("The image store is unusable") == 1 and "Traceback" not in log, log
-    assert len(Spool(spool_dir).pending()) == 2
+    kept = sorted(Spool(spool_dir).load(path).image.name for path in Spool(spool_dir).pending())
+    records = [f"sd3/requests/{r.json()['request_id']}.json" for r in (response, second)]
+    assert kept == sorted([image["object_name"] for image in images] + records)  # the images, and their records
 
     # Restarted with the credential: the spooled images go up under the names the answers gave.
     fixed = start_server(tmp_path / "fixed", {**principal.env, **bucket_env(fake, spool_dir)})
@@ -191,6 +196,7 @@ def test_a_missing_credential_keeps_images_and_a_restart_with_one_uploads_them(f
             wait_until(lambda: fake.object("images", image["object_name"]) is not None)
             assert fake.object("images", image["object_name"]).data == base64.b64decode(image["data"])
         wait_until(lambda: Spool(spool_dir).pending() == [])
+        assert all(json.loads(fake.object("images", name).data)["state"] == "done" for name in records)
     finally:
         stop_server(fixed)
 
