@@ -9,27 +9,10 @@ import time
 import oci
 import pytest
 
-from fakes import oci_common
-from fakes.object_storage import FakeObjectStorage
 from sd3_service.contract import PredictRequest
 from sd3_service.ledger import Ledger, differing_fields, digest, recorded_parameters, seed_for
-from sd3_service.object_storage import ObjectStorageStore
 from sd3_service.records import LocalRecords, RecordChanged, RecordExists
 from sd3_service.store import ImageObject
-
-
-@pytest.fixture
-def fake():
-    with FakeObjectStorage(namespace="tenancyns", buckets=("images",)) as server:
-        yield server
-
-
-@pytest.fixture
-def bucket(fake, tmp_path, monkeypatch) -> ObjectStorageStore:
-    credentials = fake.trust(oci_common.resource_principal(tmp_path / "rp"))
-    for name, value in credentials.env.items():
-        monkeypatch.setenv(name, value)
-    return ObjectStorageStore(bucket="images", endpoint=fake.endpoint, timeout_seconds=4)
 
 
 # -- the fake honours conditional requests as OCI does ---------------------------------------------------------

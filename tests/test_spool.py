@@ -10,7 +10,6 @@ import pytest
 from pydantic import ValidationError
 
 from fakes import oci_common
-from fakes.object_storage import FakeObjectStorage
 from sd3_service.object_storage import ObjectStorageStore
 from sd3_service.settings import ARTIFACT_DIR, Settings
 from sd3_service.spool import Spool, SpoolCorrupt, SpoolingStore
@@ -30,21 +29,6 @@ def wait_until(condition, timeout: float = 60.0) -> None:
     while not condition():
         assert time.monotonic() < deadline, "timed out"
         time.sleep(0.02)
-
-
-@pytest.fixture
-def fake():
-    with FakeObjectStorage(namespace="tenancyns", buckets=("images",)) as server:
-        yield server
-
-
-@pytest.fixture
-def bucket(fake, tmp_path, monkeypatch) -> ObjectStorageStore:
-    """The real Object Storage store, signing as a resource principal the fake trusts."""
-    credentials = fake.trust(oci_common.resource_principal(tmp_path / "rp"))
-    for name, value in credentials.env.items():
-        monkeypatch.setenv(name, value)
-    return ObjectStorageStore(bucket="images", namespace="tenancyns", endpoint=fake.endpoint, timeout_seconds=3)
 
 
 @pytest.fixture
