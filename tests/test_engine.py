@@ -16,7 +16,7 @@ from sd3_service.contract import PredictRequest
 from sd3_service.device_pool import DevicePool, NotReady, QueueFull
 from sd3_service.contract import PendingResponse
 from sd3_service.engine import Engine, RequestProblem
-from sd3_service.ledger import Ledger
+from sd3_service.ledger import Ledger, recorded_parameters
 from sd3_service.records import LocalRecords
 from sd3_service.image_writer import ImageWriter
 from sd3_service.model_loading import LoadedWeights, ModelSource, place_pipeline
@@ -378,4 +378,34 @@ def test_a_service_failure_is_recorded_for_polls_and_the_same_request_runs_again
     assert asyncio.run(scenario()).response.request_id == "fails-once"
     record, _ = ledger.read("fails-once")
     assert record.state == "done" and record.error is None
+    engine.shutdown()
+
+
+class RecordsThatFailReadsAfter(LocalRecords):
+    """Local records whose reads fail (as a store going down) from the `fail_after`-th read on."""
+
+    def __init__(self, root, fail_after: int):
+        super().__init__(root)
+        self.reads, self.fail_after = 0, fail_after
+
+    def read_record(self, name):
+        self.reads += 1
+        if self.reads > self.fail_after:
+            raise StoreError("the bucket stopped answering")
+        return super().read_record(name)
+
+
+def test_a_store_that_fails_while_following_anothers_record_still_answers(tiny, tmp_path):
+    folder = tmp_path / "records"
+    other = Ledger(LocalRecords(folder), "sd3/", lease_seconds=30, owner="another instance")
+    request = PredictRequest(prompt="a harbour", request_id="followed", **SMALL)
+    held = other.new_record("followed", seed=4242, parameters=recorded_parameters(request, False), day="2026/11/30")
+    assert other.claim(held).mine  # alive elsewhere, its lease running
+    # The claim's read succeeds (the record is someone else's); the next read, while following, fails.
+    ledger = Ledger(RecordsThatFailReadsAfter(folder, fail_after=1), "sd3/", lease_seconds=30, owner="me")
+    engine = ready(make_engine(tiny, LocalFolderStore(tmp_path / "images"), tmp_path, ledger=ledger))
+
+    answer = asyncio.run(engine.run(request)).response
+    assert answer.seed == 4242 and answer.images[0].object_name.startswith("sd3/2026/11/30/followed-")
+    assert ledger.records.reads == 2
     engine.shutdown()

@@ -22,7 +22,7 @@ from dataclasses import dataclass, replace
 
 from sd3_service.contract import PendingResponse, PredictRequest, PredictResponse, Progress
 from sd3_service.device_pool import DevicePool, NotReady, QueueFull
-from sd3_service.generation import EncodedImage
+from sd3_service.generation import EncodedImage, keep_outside_mask
 from sd3_service.image_writer import ImageWriter
 from sd3_service.inputs import NO_INPUTS, InputError, InputReader
 from sd3_service.jobs import Job, JobBook
@@ -57,9 +57,6 @@ class RequestProblem(Exception):
                  retry_after: int | None = None):
         super().__init__(message)
         self.status, self.code, self.field, self.retry_after = status, code, field, retry_after
-
-    def as_dict(self) -> dict:
-        return {"status": self.status, "code": self.code, "message": str(self), "field": self.field}
 
 
 class RequestLog(logging.LoggerAdapter):
@@ -183,7 +180,14 @@ class Engine:
                 if found is not None:  # someone else's record
                     self.pool.withdraw()
                     admitted = False
-                    outcome = await self._follow(job, *found)
+                    try:
+                        outcome = await self._follow(job, *found)
+                    except StoreError as exc:  # the store failed while following: serve it as in an outage
+                        _log(job.request_id).warning("Cannot follow its record (%s): generating it here with the "
+                                                     "recorded seed, under the same names", exc)
+                        job.record = job.etag = None
+                        job.seed, job.day = found[0].seed, found[0].day
+                        outcome = None
                     if isinstance(outcome, Generation):
                         return outcome
                     self.pool.admit(self.max_jobs)  # taken over: this process generates it now
@@ -257,9 +261,12 @@ class Engine:
                 self.pool.withdraw()
                 raise
         generated = await self.pool.generate(request, job.request_id, job.seed, inputs, watcher=job)
+        images = generated.images
+        if inputs.mask is not None:  # here rather than on the device's thread, which takes its next request
+            images = await loop.run_in_executor(self._io, keep_outside_mask, images, inputs)
         model = self.pool.model()
         written = await loop.run_in_executor(
-            self._io, self.writer.write, request, job.request_id, job.seed, generated.images,
+            self._io, self.writer.write, request, job.request_id, job.seed, images,
             model[0] if model else "", inputs, dt.datetime.strptime(job.day, "%Y/%m/%d"))
         response = PredictResponse(
             request_id=job.request_id,
@@ -372,13 +379,13 @@ class Engine:
             request_id=job.request_id, status="running" if job.state == "running" else "queued",
             position=self.pool.position(job.request_id) if job.state == "queued" else None,
             progress=Progress(step=progress[0], steps=progress[1]) if progress else None,
-            retry_after=self._retry_after(job.request.num_inference_steps, progress))
+            retry_after=self._retry_after(progress))
 
     def _pending_from_record(self, record: Record) -> PendingResponse:
         return PendingResponse(request_id=record.request_id, status=record.state, position=None, progress=None,
                                retry_after=self.pool.retry_after())
 
-    def _retry_after(self, steps: int, progress: tuple[int, int] | None) -> int:
+    def _retry_after(self, progress: tuple[int, int] | None) -> int:
         """About when it may be done: the rest of one generation, at least a second."""
         seconds = self.pool.retry_after() * max(1, self.pool.ready_count())  # one generation
         if progress is not None:

@@ -36,7 +36,8 @@ def generate_images(pipe, *, prompt: str, negative_prompt: str | None, num_infer
 
     `pipe` is the text-to-image pipeline, or with `image` the image-to-image one, or with `image` and
     `mask_image` the inpainting one; `image` and `mask_image` are PIL images already at `width`x`height`.
-    `on_step(step, steps)` is called after each denoising step.
+    `on_step(step, steps)` is called after each denoising step. Inpainted images still need
+    `keep_outside_mask`.
     """
     import torch
 
@@ -63,21 +64,18 @@ def generate_images(pipe, *, prompt: str, negative_prompt: str | None, num_infer
             generator=generator,
             **starting,
         )
-    if mask_image is None:
-        return result.images
-    return [keep_outside_mask(generated, image, mask_image) for generated in result.images]
+    return result.images
 
 
-def keep_outside_mask(generated, original, mask):
-    """The generated pixels where the mask is white, the original's elsewhere.
+def keep_outside_mask(images: list, inputs: Inputs) -> list:
+    """Inpainted images with the input's own pixels pasted back where the (black and white) mask is black.
 
     The pipeline repaints in latent space, so even the area it keeps comes back through the VAE, slightly
-    changed; pasting the original back keeps what the client did not ask to change exactly as sent. The mask
-    is cut at half grey, as the pipeline itself reads it.
+    changed; pasting the original back keeps what the client did not ask to change exactly as sent.
     """
     from PIL import Image
 
-    return Image.composite(generated, original, mask.point(lambda value: 255 if value >= 128 else 0))
+    return [Image.composite(image, inputs.image.pixels, inputs.mask.pixels) for image in images]
 
 
 def generation_arguments(request: PredictRequest, inputs: Inputs = NO_INPUTS) -> dict:

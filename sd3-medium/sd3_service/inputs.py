@@ -12,7 +12,7 @@ import base64
 import hashlib
 import io
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -108,6 +108,9 @@ class InputReader:
         image = _resized(image, target, Image.Resampling.LANCZOS)
         if mask is not None:
             mask = _resized(mask, target, Image.Resampling.NEAREST)
+            # Black and white, cut at half grey as the pipeline reads a mask: the same area is repainted by the
+            # pipeline and pasted back around by `generation.keep_outside_mask`.
+            mask = replace(mask, pixels=mask.pixels.point(lambda value: 255 if value >= 128 else 0))
         return request.model_copy(update=size), Inputs(image=image, mask=mask, strength=request.strength)
 
     # -- internals

@@ -7,7 +7,6 @@ A repeated `request_id` is answered from here first (the fast path, no store cal
 from __future__ import annotations
 
 import asyncio
-import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
@@ -30,21 +29,14 @@ class Job:
     record: Record | None = None  # its record as last written; None: not in the ledger
     etag: str | None = None
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # one ledger write at a time
-    _progress: tuple[int, int] | None = None
-    _guard: threading.Lock = field(default_factory=threading.Lock)
+    progress: tuple[int, int] | None = None  # (step, steps) while running; replaced whole, so read whole
 
     # Called from the device's worker thread (`device_pool.Watcher`).
     def started(self) -> None:
         self.state = "running"
 
     def step(self, step: int, steps: int) -> None:
-        with self._guard:
-            self._progress = (step, steps)
-
-    @property
-    def progress(self) -> tuple[int, int] | None:
-        with self._guard:
-            return self._progress
+        self.progress = (step, steps)
 
     @property
     def active(self) -> bool:
