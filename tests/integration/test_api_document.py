@@ -104,3 +104,16 @@ def test_the_readmes_image_to_image_commands_work_as_written(server, tmp_path):
     answer = json.loads(result.stdout)
     assert (answer["images"][0]["width"], answer["images"][0]["height"]) == (512, 512)
     assert Image.open(tmp_path / "repainted.png").size == (512, 512)
+
+
+def test_the_readmes_python_client_gets_its_image(server, tmp_path):
+    from integration.test_service import oci_config
+
+    readme = (REPO / "README.md").read_text()
+    script = re.search(r"From Python.*?```python\n(.*?)```", readme, re.S)[1]
+    (tmp_path / ".oci").mkdir()
+    oci_config(tmp_path / ".oci")  # ~/.oci/config, as `oci setup config` writes it
+    result = subprocess.run([sys.executable, "-c", f"endpoint = {server.url!r}\n" + script], cwd=tmp_path,
+                            env={**os.environ, "HOME": str(tmp_path)}, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().startswith("file://") and result.stdout.strip().endswith(".png")

@@ -60,10 +60,8 @@ def test_the_original_sample_body_works_unchanged(server):
     assert image["content_type"] == "image/png"
 
 
-def oci_raw_request(url: str, body: dict | str, folder: Path) -> dict:
-    """`oci raw-request`, as the README has users call the service, signed with a fresh API key; its JSON output.
-
-    `body`: the JSON body, or `file://...` naming a file that holds it."""
+def oci_config(folder: Path) -> Path:
+    """An OCI config file with a fresh API key in `folder` (the service does not check signatures; OCI would)."""
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import rsa
 
@@ -78,6 +76,14 @@ def oci_raw_request(url: str, body: dict | str, folder: Path) -> dict:
         f"key_file={key_file}\ntenancy=ocid1.tenancy.oc1..test\nregion=us-ashburn-1\n"
     )
     config.chmod(0o600)
+    return config
+
+
+def oci_raw_request(url: str, body: dict | str, folder: Path) -> dict:
+    """`oci raw-request`, as the README has users call the service, signed with a fresh API key; its JSON output.
+
+    `body`: the JSON body, or `file://...` naming a file that holds it."""
+    config = oci_config(folder)
     oci_cli = Path(sys.executable).with_name("oci")
     result = subprocess.run(
         [str(oci_cli), "raw-request", "--config-file", str(config), "--http-method", "POST",
