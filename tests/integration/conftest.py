@@ -130,3 +130,11 @@ def make_server(tmp_path):
     yield make
     for running in started:
         stop_server(running)
+
+
+@pytest.fixture
+def healthy_fake(fake):
+    """No fault injected into the module's Object Storage fake (`fake`) before the test, nor left after it."""
+    fake.restore()
+    yield
+    fake.restore()

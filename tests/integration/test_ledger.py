@@ -24,6 +24,8 @@ from integration.test_service import oci_raw_request
 SMALL = {"width": 256, "height": 256, "num_inference_steps": 2}
 SLOW = {"width": 1024, "height": 1024, "num_inference_steps": 40}  # seconds on two CPU cores
 
+pytestmark = pytest.mark.usefixtures("healthy_fake")  # every test starts and ends with no fault injected
+
 
 @pytest.fixture(scope="module")
 def fake():
@@ -54,13 +56,6 @@ def pair(fake, principal, tmp_path_factory):
     finally:
         for server in servers:
             stop_server(server)
-
-
-@pytest.fixture(autouse=True)
-def healthy(fake):
-    fake.restore()
-    yield
-    fake.restore()
 
 
 def post(server, body, timeout: float = 120) -> httpx.Response:

@@ -21,6 +21,8 @@ from sd3_service.spool import Spool
 SMALL = {"width": 256, "height": 256, "num_inference_steps": 2}
 PROMPT = "a red fox in fresh snow, morning light"
 
+pytestmark = pytest.mark.usefixtures("healthy_fake")  # every test starts and ends with no fault injected
+
 
 @pytest.fixture(scope="module")
 def fake():
@@ -48,13 +50,6 @@ def server(fake, principal, tmp_path_factory):
     running.spool = Spool(tmp / "spool")
     yield running
     stop_server(running)
-
-
-@pytest.fixture(autouse=True)
-def healthy_fake(fake):
-    fake.restore()
-    yield
-    fake.restore()
 
 
 def predict(server, body) -> httpx.Response:
