@@ -34,6 +34,7 @@ ROUTES = [
     ("HEAD", re.compile(_BUCKET + r"/o/(?P<name>.+)"), "get_object"),
     ("DELETE", re.compile(_BUCKET + r"/o/(?P<name>.+)"), "delete_object"),
     ("POST", re.compile(_BUCKET + r"/p/?"), "create_par"),
+    ("PUT", re.compile(_BUCKET + r"/l/?"), "put_lifecycle_policy"),
     ("POST", re.compile(_BUCKET + r"/u/?"), "create_multipart_upload"),
     ("GET", re.compile(_BUCKET + r"/u/?"), "list_multipart_uploads"),
     ("PUT", re.compile(_BUCKET + r"/u/(?P<name>.+)"), "upload_part"),
@@ -101,6 +102,7 @@ class FakeObjectStorage(OCIFakeServer):
         self.buckets: dict[str, dict[str, StoredObject]] = {name: {} for name in buckets}
         self.pars: dict[str, PreauthenticatedRequest] = {}
         self.uploads: dict[str, MultipartUpload] = {}
+        self.lifecycle_rules: dict[str, list[dict]] = {}  # bucket -> its lifecycle policy's rules, as sent
 
     # -- what tests read back
 
@@ -226,6 +228,16 @@ class FakeObjectStorage(OCIFakeServer):
                     "timeCreated": rfc3339(o.time_created)}
                    for name, o in sorted(self.buckets[bucket].items()) if name.startswith(prefix)]
         return json_reply(200, {"objects": objects, "prefixes": []})
+
+    # -- lifecycle policies
+
+    def _put_lifecycle_policy(self, request: Request, ns: str, bucket: str) -> Reply:
+        items = request.json().get("items") or []
+        if any(item.get("action") not in ("ARCHIVE", "DELETE", "INFREQUENT_ACCESS", "ABORT") for item in items):
+            return error_reply(400, "InvalidParameter", "each rule's action must be ARCHIVE, DELETE, "
+                               "INFREQUENT_ACCESS or ABORT")
+        self.lifecycle_rules[bucket] = items
+        return json_reply(200, {"items": items, "timeCreated": rfc3339(dt.datetime.now(dt.timezone.utc))})
 
     # -- pre-authenticated requests
 
