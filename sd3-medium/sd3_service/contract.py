@@ -5,7 +5,6 @@ The OpenAPI page, request validation and the README's tables all come from these
 
 from __future__ import annotations
 
-import base64
 import binascii
 import re
 from typing import Annotated, Literal
@@ -18,13 +17,19 @@ REQUEST_ID = r"^[A-Za-z0-9_-]{1,64}$"
 MIN_SIDE, MAX_SIDE = 256, 1536  # pixels, for generated images and for input images alike
 OCI_URI = re.compile(r"^oci://(?P<bucket>[A-Za-z0-9._-]{1,256})@(?P<namespace>[A-Za-z0-9_-]{1,128})/(?P<name>[^\x00]{1,1024})$")
 DATA_URL = re.compile(r"^data:(?P<media>[\w.+-]+/[\w.+-]+)?(?:;[\w-]+=[\w.-]+)*;base64,", re.ASCII)
-_WHITESPACE = re.compile(r"\s+")
 
 
 def base64_payload(text: str) -> str:
     """The base64 part of an image field (a `data:` URL's tail, or the text itself), without whitespace."""
     match = DATA_URL.match(text)
-    return _WHITESPACE.sub("", text[match.end():] if match else text)
+    # split/join: ~15 ms for 10 MB, where a whitespace regex took ~200 ms, on the event loop
+    return "".join((text[match.end():] if match else text).split())
+
+
+def decode_base64(payload: str) -> bytes:
+    """The bytes of a payload from `base64_payload`; `binascii.Error` if it is not base64 (strictly: no stray
+    characters, right padding)."""
+    return binascii.a2b_base64(payload, strict_mode=True)
 
 
 def _image_form(text: str) -> str:
@@ -38,7 +43,7 @@ def _image_form(text: str) -> str:
         raise ValueError("a data: URL must be base64, as data:image/png;base64,<data>")
     payload = base64_payload(text)
     try:
-        if not payload or len(base64.b64decode(payload, validate=True)) == 0:
+        if not payload or len(decode_base64(payload)) == 0:
             raise ValueError
     except (binascii.Error, ValueError):
         raise ValueError("not base64: send the image file's bytes in base64 (raw or as a data: URL), "

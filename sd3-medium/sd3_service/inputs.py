@@ -8,7 +8,6 @@ cannot be reached. Only the image's sha256, size and format are kept for the rec
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import io
 import warnings
@@ -17,7 +16,7 @@ from typing import Protocol
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from sd3_service.contract import MAX_SIDE, MIN_SIDE, OCI_URI, PredictRequest, base64_payload
+from sd3_service.contract import MAX_SIDE, MIN_SIDE, OCI_URI, PredictRequest, base64_payload, decode_base64
 from sd3_service.store import ObjectRefused, StoreError
 
 # Pillow warns above this many pixels and refuses at twice as many; inputs are refused at any warning, so no
@@ -116,7 +115,7 @@ class InputReader:
     # -- internals
 
     def _decode(self, field: str, text: str) -> InputImage:
-        data, uri = self._read(field, text) if text.startswith("oci://") else (base64.b64decode(
+        data, uri = self._read(field, text) if text.startswith("oci://") else (decode_base64(
             base64_payload(text)), None)
         kind = "image"
         try:
