@@ -30,6 +30,7 @@ ENV PYTHONUNBUFFERED=1 \
     BENTOML_HOME=/var/lib/sd3/bentoml \
     IMAGE_DIR=/var/lib/sd3/images \
     SPOOL_DIR=/var/lib/sd3/spool \
+    LORA_CACHE_DIR=/var/lib/sd3/loras \
     PORT=8080
 
 # curl: MD's health check runs it inside the container. Debian versions are not pinned: the pinned
@@ -43,7 +44,8 @@ RUN apt-get update \
 RUN groupadd --gid 1000 sd3 \
     && useradd --uid 1000 --gid sd3 --home-dir /home/sd3 --create-home --shell /usr/sbin/nologin sd3 \
     && mkdir -p /var/lib/sd3/huggingface /var/lib/sd3/torch /var/lib/sd3/torch/inductor /var/lib/sd3/triton /var/lib/sd3/cache \
-                /var/lib/sd3/bentoml /var/lib/sd3/images /var/lib/sd3/spool /opt/ds/model/deployed_model \
+                /var/lib/sd3/bentoml /var/lib/sd3/images /var/lib/sd3/spool /var/lib/sd3/loras \
+                /opt/ds/model/deployed_model \
     && chown -R sd3:sd3 /var/lib/sd3
 
 COPY requirements.lock /opt/sd3/requirements.lock
@@ -64,10 +66,12 @@ RUN pip install --no-cache-dir --index-url "${PYPI_INDEX_URL}" -c /opt/sd3/requi
         fpng==0.1.0 \
         numpy==2.4.6 \
         oci==2.189.0 \
+        peft==0.21.2 \
         pillow==13.0.0 \
         protobuf==7.36.2 \
         pydantic==2.14.4 \
         pydantic-settings==2.16.3 \
+        python-json-logger==4.2.0 \
         sentencepiece==0.2.3 \
         transformers==5.24.0
 

@@ -96,6 +96,7 @@ def _deployment_options(parser: argparse.ArgumentParser, *, with_catalog: bool) 
     _setting(group, "log_group_id")
     _setting(group, "access_log_id")
     _setting(group, "predict_log_id")
+    _setting(group, "api", choices=("native", "openai"))
     group.add_argument("--env", action="append", default=[], metavar="NAME[=VALUE]",
                        help="an env var of the service (BUCKET_NAME, NAMESPACE, OBJECT_PREFIX, SD3_MODEL, ...); "
                             "NAME alone takes the value from this shell (use it for HF_TOKEN); repeatable; "
@@ -228,7 +229,8 @@ def main(argv: list[str] | None = None) -> None:
     config_path = args.config or (Path(os.environ["SD3_DEPLOY_CONFIG"]) if os.environ.get("SD3_DEPLOY_CONFIG")
                                   else Path("deploy.toml"))
     settings = resolve_settings(flags, os.environ, config_path,
-                                config_required=bool(args.config or os.environ.get("SD3_DEPLOY_CONFIG")))
+                                config_required=bool(args.config or os.environ.get("SD3_DEPLOY_CONFIG")),
+                                command=args.command)
     ref = getattr(args, "deployment", None) or settings.name
 
     if args.command == "package":

@@ -108,6 +108,9 @@ def _print_ready(settings: DeploySettings, deployment: Any) -> None:
     result("call it with:")
     result("  " + build.raw_request_command(url, build.SAMPLE_PREDICT_BODY, settings))
     result(f'  python model-deployment.py predict {settings.name} --prompt "{build.SAMPLE_PREDICT_BODY["prompt"]}"')
+    if settings.api == "openai":
+        result(f"OpenAI base_url: {build.openai_base_url(deployment.model_deployment_url)} (the openai SDK, with an "
+               "OCI-signing HTTP client: README, 'The OpenAI Images API')")
 
 
 def deploy(settings: DeploySettings) -> None:

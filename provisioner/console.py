@@ -12,8 +12,7 @@ from typing import Any
 import oci
 from oci._vendor import requests as sdk_requests
 from rich.console import Console
-from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
-                           TransferSpeedColumn)
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 from rich.text import Text
 
 from provisioner.settings import ConfigError

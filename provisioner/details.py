@@ -222,6 +222,8 @@ def build_deployment_details(settings: DeploySettings, model_id: str) -> ds.Crea
         server_port=SERVICE_PORT,
         health_check_port=SERVICE_PORT,
         environment_variables=dict(settings.environment) or None,
+        # `openai`: Model Deployment also forwards the OpenAI routes (/v1/images/..., /v1/models) to the container.
+        predict_api_specification="openai" if settings.api == "openai" else None,
     )
     return ds.CreateModelDeploymentDetails(
         display_name=settings.name,
@@ -320,6 +322,11 @@ def build_update_details(changes: DeploymentChanges,
 def predict_url(model_deployment_url: str) -> str:
     """The URL a client POSTs to."""
     return model_deployment_url.rstrip("/") + "/predict"
+
+
+def openai_base_url(model_deployment_url: str) -> str:
+    """The `base_url` of the `openai` SDK for a deployment created with `api = "openai"`."""
+    return predict_url(model_deployment_url) + "/v1"
 
 
 def predict_service_endpoint(model_deployment_url: str, deployment_id: str, override: str | None) -> str:

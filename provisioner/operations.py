@@ -13,6 +13,7 @@ from typing import Any
 import oci
 from oci.data_science import models as ds
 from oci.object_storage import UploadManager
+
 # The SDK's own read-callback wrapper (what UploadManager uses); pinned oci==2.189.0 keeps it stable.
 from oci.object_storage.transfer.internal.file_read_callback_stream import FileReadCallbackStream
 from oci.pagination import list_call_get_all_results

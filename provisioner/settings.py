@@ -16,6 +16,7 @@ ENV_PREFIX = "SD3_DEPLOY_"
 # What deploy.example.toml marks as "fill in": `<unique_id>`, `<region-key>`, `<namespace>`, ...
 PLACEHOLDER = re.compile(r"<[A-Za-z][\w -]*>")
 AUTH_MODES = ("api_key", "security_token", "resource_principal", "instance_principal")
+API_SPECIFICATIONS = ("native", "openai")
 
 
 class ConfigError(Exception):
@@ -94,12 +95,29 @@ class DeploySettings:
     access_log_id: str | None = _setting(None, "log OCID for access logs")
     predict_log_id: str | None = _setting(None, "log OCID for predict logs (the container's stdout/stderr)")
     environment: dict[str, str] = _setting(None, "the service's env vars", kind=dict)
+    api: str = _setting("native", "the routes the deployment forwards: native (/predict, /health) or openai (also "
+                                  "the OpenAI Images API under <endpoint>/predict/v1: images/generations, "
+                                  "images/edits, models)")
 
     # Behaviour.
     wait: bool = _setting(True, "wait until the deployment is ACTIVE (or deleted)")
     wait_timeout: float = _setting(3600.0, "seconds to wait for a deployment or work request")
     poll_interval: float = _setting(30.0, "longest pause in seconds between two status polls")
     dry_run: bool = _setting(False, "print the request bodies and send nothing")
+
+
+# What each command reads (register, deploy and up read them all): a placeholder left in a setting a command does
+# not use does not stop it (`status` works with a deploy.toml whose image is still `<region-key>.ocir.io/...`).
+_CONNECTION = ("auth", "profile", "config_file", "region", "data_science_endpoint", "object_storage_endpoint",
+               "model_deployment_endpoint", "federation_endpoint", "compartment_id", "name")
+_WAITING = ("wait", "wait_timeout", "poll_interval")
+COMMAND_SETTINGS: dict[str, tuple[str, ...]] = {
+    "package": ("source_dir", "artifact"),
+    "status": _CONNECTION,
+    "update": _CONNECTION + _WAITING,
+    "delete": _CONNECTION + _WAITING,
+    "predict": _CONNECTION + _WAITING,
+}
 
 
 def env_names(key: str) -> tuple[str, ...]:
@@ -204,10 +222,12 @@ def resolve_settings(
     config_path: Path | None,
     *,
     config_required: bool = False,
+    command: str | None = None,
 ) -> DeploySettings:
     """Merge flags (values that are not None), env vars and the config file into one DeploySettings.
 
     The service env vars merge by name: the config file's `[environment]` table, then `--env` on top.
+    `command`: only the settings it reads (`COMMAND_SETTINGS`) are refused for still holding a placeholder.
     """
     file_values: dict[str, Any] = {}
     base_dir = Path.cwd()
@@ -236,7 +256,9 @@ def resolve_settings(
     settings = DeploySettings(**values)
     if settings.auth not in AUTH_MODES:
         raise ConfigError(f"auth {settings.auth!r} is not one of {', '.join(AUTH_MODES)}")
-    refuse_placeholders(settings)
+    if settings.api not in API_SPECIFICATIONS:
+        raise ConfigError(f"api {settings.api!r} is not one of {', '.join(API_SPECIFICATIONS)}")
+    refuse_placeholders(settings, COMMAND_SETTINGS.get(command))
     return settings
 
 
@@ -245,10 +267,13 @@ def how_to_set(key: str) -> str:
     return f"--{key.replace('_', '-')}, env {env_names(key)[0]} or deploy.toml `{key}`"
 
 
-def refuse_placeholders(settings: DeploySettings) -> None:
-    """Fail, naming each one, when a setting still holds a `<placeholder>` of deploy.example.toml."""
+def refuse_placeholders(settings: DeploySettings, keys: tuple[str, ...] | None = None) -> None:
+    """Fail, naming each one, when a setting (of `keys`; all by default) still holds a `<placeholder>` of
+    deploy.example.toml."""
     lines = []
     for f in dataclasses.fields(DeploySettings):
+        if keys is not None and f.name not in keys:
+            continue
         value = getattr(settings, f.name)
         if f.name == "environment":
             lines += [f"  [environment] {name} = {text!r}: set it in deploy.toml's [environment] table or with "

@@ -25,6 +25,8 @@ class Settings(BaseSettings):
     sd3_dtype: Literal["auto", "float16", "bfloat16", "float32"] = Field(
         "auto", description="`auto` is float16 with CUDA devices, float32 on cpu")
     hf_token: SecretStr | None = Field(None, description="only to download the gated model from the hub")
+    sd3_tiny_gates: Path | None = Field(None, description="tests only, with the tiny model: a prompt starting "
+                                        "`hold:<name>` waits after its first step until `<name>.open` exists here")
     # Speed and memory options (docs/benchmarks.md). Off by default until measured on a GPU.
     sd3_compile: bool = Field(False, description="torch.compile the transformer; each new image size compiles first")
     sd3_fuse_qkv: bool = Field(False, description="fuse the transformer's query, key and value projections")
@@ -47,6 +49,16 @@ class Settings(BaseSettings):
     oci_federation_endpoint: str | None = Field(
         None, description="where `instance_principal` gets its session token (tests, a non-default auth endpoint); "
                           "the region's auth service, `https://auth.<region>.oraclecloud.com/v1/x509`, when unset")
+    lora_dir: Path | None = Field(None, description="the catalog of LoRA adapters a request may name: "
+                                  "`<name>.safetensors` files; the artifact's `loras/` folder when unset")
+    lora_buckets: str | None = Field(
+        None, pattern=r"^[A-Za-z0-9._-]+(,[A-Za-z0-9._-]+)*$",
+        description="comma list of the buckets `oci://` LoRA adapters may be read from; INPUT_BUCKETS when unset")
+    lora_max_bytes: int = Field(512 * 1024 * 1024, ge=1, description="the largest LoRA adapter file taken")
+    lora_max_loaded: int = Field(8, ge=1, description="LoRA adapters kept loaded on each device; the least recently "
+                                 "used beyond are unloaded")
+    lora_cache_dir: Path = Field(Path("/var/tmp/sd3-medium/loras"), description="where adapters read from a bucket "
+                                 "are kept, by content (outside the read-only artifact)")
     image_dir: Path = Field(Path("./outputs"), description="where images go when BUCKET_NAME is unset; a relative "
                             "path that would fall inside the artifact (`sd3-medium/`) is taken beside it instead")
     spool_dir: Path = Field(Path("/var/tmp/sd3-medium/spool"),
@@ -69,12 +81,26 @@ class Settings(BaseSettings):
     sync_wait_seconds: float = Field(50.0, ge=0, le=300, description="how long a request that waits for its "
                                      "images waits before it answers 202 with its status (Model Deployment cuts at 60 s)")
     max_jobs: int = Field(64, ge=1, description="accepted requests (queued or running) a server holds; more get 429")
+    log_format: Literal["text", "json"] = Field("text", description="the service's log lines: text, or one JSON "
+                                                "object per line (`json`), with a `request_finished` line per request")
+    ledger_pause_seconds: float = Field(10.0, ge=0, le=600, description="after a failed claim in the ledger, "
+                                        "requests are served without it this long (each claim may retry ~6 s)")
 
     @property
     def allowed_input_buckets(self) -> frozenset[str]:
         if self.input_buckets is not None:
             return frozenset(self.input_buckets.split(","))
         return frozenset({self.bucket_name} if self.bucket_name else ())
+
+    @property
+    def lora_catalog(self) -> Path:
+        return self.lora_dir if self.lora_dir is not None else ARTIFACT_DIR / "loras"
+
+    @property
+    def allowed_lora_buckets(self) -> frozenset[str]:
+        if self.lora_buckets is not None:
+            return frozenset(self.lora_buckets.split(","))
+        return self.allowed_input_buckets
 
     @field_validator("model_deploy_predict_endpoint", "model_deploy_health_endpoint")
     @classmethod
@@ -93,10 +119,10 @@ class Settings(BaseSettings):
             raise ValueError(f"IMAGE_DIR must be outside the model artifact {ARTIFACT_DIR}")
         return ARTIFACT_DIR.parent / resolved.relative_to(ARTIFACT_DIR)
 
-    @field_validator("spool_dir")
+    @field_validator("spool_dir", "lora_cache_dir")
     @classmethod
-    def _spool_outside_artifact(cls, folder: Path) -> Path:
-        # The artifact is mounted read-only in OCI Model Deployment; a spool there would lose every image.
+    def _writable_outside_artifact(cls, folder: Path, info) -> Path:
+        # The artifact is mounted read-only in OCI Model Deployment; nothing can be written there.
         if folder.expanduser().resolve().is_relative_to(ARTIFACT_DIR):
-            raise ValueError(f"SPOOL_DIR must be outside the model artifact {ARTIFACT_DIR}")
+            raise ValueError(f"{info.field_name.upper()} must be outside the model artifact {ARTIFACT_DIR}")
         return folder

@@ -10,8 +10,8 @@ import asyncio
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
-from sd3_service.contract import PredictRequest, PredictResponse
-from sd3_service.ledger import Record
+from sd3_service.jobs.ledger import Record
+from sd3_service.spec import Answer, ImageRequest
 
 
 @dataclass
@@ -19,17 +19,18 @@ class Job:
     """One request this process holds, and where it stands."""
 
     request_id: str
-    request: PredictRequest | None  # dropped once done: it may hold megabytes of input image
+    request: ImageRequest | None  # dropped once done: it may hold megabytes of input image
     parameters: dict  # as the ledger records them (to refuse the id reused with other ones)
     seed: int
     day: str  # yyyy/mm/dd of its image names
     state: str = "queued"  # "queued" | "running" | "done" | "failed"
     work: asyncio.Future | None = None  # dropped once done, with the encoded images it ended with
-    answer: PredictResponse | None = None  # once done
+    answer: Answer | None = None  # once done
     record: Record | None = None  # its record as last written; None: not in the ledger
     etag: str | None = None
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # one ledger write at a time
     progress: tuple[int, int] | None = None  # (step, steps) while running; replaced whole, so read whole
+    adapters: list = field(default_factory=list)  # the LoRA adapters it asked for, resolved (ResolvedLora)
 
     # Called from the device's worker thread (`device_pool.Watcher`).
     def started(self) -> None:
@@ -70,7 +71,7 @@ class JobBook:
             self.forget(job)  # the id may be sent again (a recorded failure is answered by the ledger)
             return
         # Kept: the answer. Dropped: the input images and the encoded output (callers waiting have their own).
-        job.answer, job.request, job.work = work.result().response, None, None
+        job.answer, job.request, job.work = work.result().answer, None, None
         finished = [rid for rid, held in self._jobs.items() if not held.active]
         for request_id in finished[:max(0, len(finished) - self.size)]:
             del self._jobs[request_id]

@@ -22,31 +22,41 @@ import json
 import time
 from dataclasses import asdict, dataclass, field, replace
 
-from sd3_service.contract import MAX_SEED, PredictRequest
-from sd3_service.records import RecordChanged, RecordExists, RecordStore
+from sd3_service.metrics import METRICS
+from sd3_service.spec import MAX_SEED, ImageRequest
+from sd3_service.storage.records import RecordChanged, RecordExists, RecordStore
 
-NOT_PARAMETERS = {"request_id", "wait"}  # how to ask, not what to make
 TEXT_FIELDS = ("prompt", "negative_prompt")
 IMAGE_FIELDS = ("image", "mask_image")
+# Recorded only when they differ from these (records of requests without them stay as they were).
+UNLESS_DEFAULT = {"output_quality": None, "mask_alpha": False, "loras": []}
 
 
-def digest(text: str) -> dict[str, str]:
-    return {"sha256": hashlib.sha256(text.encode()).hexdigest()}
+def digest(value: str | bytes) -> dict[str, str]:
+    return {"sha256": hashlib.sha256(value.encode() if isinstance(value, str) else value).hexdigest()}
 
 
-def recorded_parameters(request: PredictRequest, keep_text: bool) -> dict:
+def recorded_parameters(request: ImageRequest, keep_text: bool, loras: list[dict] | None = None) -> dict:
     """What a request asks for, as its record keeps it: comparable, and free of input bytes (and of the prompt's
-    text unless `keep_text`)."""
-    parameters = request.model_dump(mode="json", exclude=NOT_PARAMETERS)
+    text unless `keep_text`). `loras`: the adapters as resolved (by content), in place of their names."""
+    parameters = {"prompt": request.prompt, "negative_prompt": request.negative_prompt,
+                  "num_inference_steps": request.num_inference_steps, "guidance_scale": request.guidance_scale,
+                  "width": request.width, "height": request.height, "seed": request.seed,
+                  "output_format": request.output_format, "num_images": request.num_images,
+                  "image": request.image, "mask_image": request.mask_image,
+                  "output_quality": request.output_quality, "mask_alpha": request.mask_alpha, "loras": loras or []}
+    if request.image is not None:
+        parameters["strength"] = request.repaint_strength  # meaningless without an image
     for name in TEXT_FIELDS:
         if parameters.get(name) is not None and not keep_text:
             parameters[name] = digest(parameters[name])
     for name in IMAGE_FIELDS:
         value = parameters.get(name)
-        if value is not None and not value.startswith("oci://"):
+        if value is not None and not (isinstance(value, str) and value.startswith("oci://")):
             parameters[name] = digest(value)
-    if request.image is None:
-        parameters.pop("strength", None)  # not sent, and meaningless without an image
+    for name, default in UNLESS_DEFAULT.items():
+        if parameters[name] == default:
+            del parameters[name]
     return parameters
 
 
@@ -66,7 +76,7 @@ def differing_fields(recorded: dict, sent: dict, recorded_seed: int) -> list[str
     return differ
 
 
-def seed_for(request: PredictRequest, request_id: str) -> int:
+def seed_for(request: ImageRequest, request_id: str) -> int:
     """The request's seed, or one made from its id: a retry with the same id makes the same image, even on
     another instance that could not read the ledger."""
     if request.seed is not None:
@@ -141,7 +151,7 @@ class Ledger:
         """Create the record, or find the one already there."""
         name = self.name(record.request_id)
         try:
-            return Claim(True, record, self.records.create_record(name, record.to_json()))
+            return Claim(True, record, self._call("create", self.records.create_record, name, record.to_json()))
         except RecordExists:
             pass
         found = self.read(record.request_id)
@@ -152,7 +162,7 @@ class Ledger:
         return Claim(existing.owner == self.owner and existing.created == record.created, existing, etag)
 
     def read(self, request_id: str) -> tuple[Record, str] | None:
-        found = self.records.read_record(self.name(request_id))
+        found = self._call("read", self.records.read_record, self.name(request_id))
         return None if found is None else (Record.from_json(found[0]), found[1])
 
     def take_over(self, record: Record, etag: str) -> tuple[Record, str] | None:
@@ -166,7 +176,8 @@ class Ledger:
         """Replace the record this process read as `etag` (renewed or closed); None if it changed since."""
         record.updated = dt.datetime.now(dt.timezone.utc).isoformat()
         try:
-            return self.records.replace_record(self.name(record.request_id), record.to_json(), etag)
+            return self._call("replace", self.records.replace_record, self.name(record.request_id), record.to_json(),
+                              etag)
         except RecordChanged:
             return None
 
@@ -176,3 +187,12 @@ class Ledger:
 
     def _lease(self) -> float:
         return time.time() + self.lease_seconds
+
+    @staticmethod
+    def _call(operation: str, call, *args):
+        """One record call, timed (`sd3_ledger_seconds`), whatever it ends with."""
+        began = time.perf_counter()
+        try:
+            return call(*args)
+        finally:
+            METRICS.ledger_seconds.labels(operation=operation).observe(time.perf_counter() - began)

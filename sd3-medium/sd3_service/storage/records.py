@@ -3,8 +3,8 @@
 The request ledger (`ledger.py`) keeps one record per request id in the image store: Object Storage's
 conditional requests (`if-none-match: *`, `if-match: <etag>`, 412 otherwise) in a bucket
 (`ObjectStorageStore` implements `RecordStore`), and `LocalRecords` in the local image folder, where an
-exclusive create (a hard link that fails if the name exists) and a per-record file lock do the same
-for every worker on one machine.
+exclusive create (a hard link that fails if the name exists) and a file lock on the records' folder do
+the same for every worker on one machine.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Protocol
 
-from sd3_service.store import StoreError
+from sd3_service.storage.store import StoreError
 
 
 class RecordExists(Exception):
@@ -110,13 +110,15 @@ class LocalRecords:
 
     @contextmanager
     def _locked(self, path: Path):
-        """An exclusive lock for read-compare-write on one record (the record itself is replaced, so the lock
-        lives in a file of its own beside it)."""
+        """An exclusive lock for read-compare-write on the records of one folder. The record itself is replaced,
+        so the lock is taken on its folder: no lock file is left beside the records."""
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            lock = open(path.with_name(f".{path.name}.lock"), "a")  # noqa: SIM115 - held across the yield
+            folder = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
         except OSError as exc:
             raise StoreError(f"cannot lock {path}: {exc.strerror or exc}") from exc
-        with lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(folder, fcntl.LOCK_EX)
             yield
+        finally:
+            os.close(folder)  # closing releases the lock

@@ -7,9 +7,12 @@ weights random, so demos and tests run on any CPU in seconds without downloading
 
 from __future__ import annotations
 
+import time
+from pathlib import Path
+
 import torch
 
-from sd3_service.dtypes import cast_as_loading_would
+from sd3_service.pipelines.dtypes import cast_as_loading_would
 
 # Fixed so that every process builds the same weights: the same seed gives the same image across restarts.
 WEIGHT_SEED = 0
@@ -38,6 +41,42 @@ def _t5_tokenizer():
     pieces += list(string.ascii_letters + string.digits + string.punctuation)
     tokenizer = T5Tokenizer(vocab=[(p, -float(i)) for i, p in enumerate(pieces)], extra_ids=0, model_max_length=512)
     return tokenizer, len(pieces)
+
+
+GATE_LIMIT_SECONDS = 600  # a gate nobody opens lets its generation go on after this
+
+
+class GatedPipeline:
+    """A pipeline with the tests' gates (`SD3_TINY_GATES`): a prompt `hold:<name> <prompt>` makes the image of
+    `<prompt>`, but stops after its first step, leaves `<name>.held` in the gate folder, and goes on once
+    `<name>.open` exists there. A test thereby holds a request running (or others queued behind it) exactly as long
+    as it needs. Everything else is the pipeline's."""
+
+    def __init__(self, pipe, gates: Path):
+        self.pipe = pipe
+        self.gates = gates
+
+    def __call__(self, *args, prompt=None, callback_on_step_end=None, **kwargs):
+        if isinstance(prompt, str) and prompt.startswith("hold:"):
+            gate, _, prompt = prompt.partition(" ")  # the rest is the prompt: a held image is the one it would be
+            callback_on_step_end = _held_after_first_step(self.gates / gate[5:], callback_on_step_end)
+        return self.pipe(*args, prompt=prompt, callback_on_step_end=callback_on_step_end, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.pipe, name)
+
+
+def _held_after_first_step(gate: Path, inner):
+    def step_ended(pipeline, index, timestep, tensors):
+        tensors = inner(pipeline, index, timestep, tensors) if inner is not None else tensors
+        if index == 0:
+            gate.with_suffix(".held").touch()
+            deadline = time.monotonic() + GATE_LIMIT_SECONDS
+            while not gate.with_suffix(".open").exists() and time.monotonic() < deadline:
+                time.sleep(0.01)
+        return tensors
+
+    return step_ended
 
 
 def build_tiny_pipeline(dtype: torch.dtype = torch.float32):

@@ -1,31 +1,10 @@
-"""Run the pipeline and encode its images: plain functions, called by the engine."""
+"""Run a pipeline for one request: plain functions, called on a device's worker thread (and the engine)."""
 
 from __future__ import annotations
 
-import hashlib
-import io
 from collections.abc import Callable
-from dataclasses import dataclass
 
-import numpy as np
-
-from sd3_service.contract import CONTENT_TYPES, PredictRequest
-from sd3_service.inputs import NO_INPUTS, Inputs
-
-try:  # the fast PNG writer is optional: without it PNGs come from Pillow, slower but identical pixels
-    import fpng
-except ImportError:
-    fpng = None
-
-
-@dataclass(frozen=True)
-class EncodedImage:
-    data: bytes
-    content_type: str
-    extension: str
-    sha256: str
-    width: int
-    height: int
+from sd3_service.spec import NO_INPUTS, ImageRequest, Inputs
 
 
 def generate_images(pipe, *, prompt: str, negative_prompt: str | None, num_inference_steps: int,
@@ -78,7 +57,7 @@ def keep_outside_mask(images: list, inputs: Inputs) -> list:
     return [Image.composite(image, inputs.image.pixels, inputs.mask.pixels) for image in images]
 
 
-def generation_arguments(request: PredictRequest, inputs: Inputs = NO_INPUTS) -> dict:
+def generation_arguments(request: ImageRequest, inputs: Inputs = NO_INPUTS) -> dict:
     """The keyword arguments of `generate_images` that a request asks for (all but the seed)."""
     arguments = {"prompt": request.prompt, "negative_prompt": request.negative_prompt,
                  "num_inference_steps": request.num_inference_steps, "guidance_scale": request.guidance_scale,
@@ -94,30 +73,3 @@ def at_least_one_step(strength: float, steps: int) -> float:
     """`strength`, or the least one that repaints one step where it would repaint none (the pipelines run the
     last `steps - int(steps - steps * strength)` steps, and refuse to run zero)."""
     return strength if steps - int(max(steps - steps * strength, 0)) >= 1 else 1 / steps
-
-
-def encode_png(image) -> bytes:
-    """Lossless PNG: fpng when installed (4-5 ms for 1024x1024 RGB against 60-120 ms for Pillow at level 1,
-    files 13-20% larger; docs/benchmarks.md), else Pillow at its fastest compression level."""
-    if fpng is not None and image.mode in ("RGB", "RGBA"):
-        return fpng.from_ndarray(np.asarray(image))
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG", compress_level=1)
-    return buffer.getvalue()
-
-
-def encode_image(image, output_format: str) -> EncodedImage:
-    """Encode a PIL image as PNG (lossless, fast), JPEG or WebP (quality 95)."""
-    if output_format == "png":
-        data = encode_png(image)
-    else:
-        buffer = io.BytesIO()
-        if output_format == "jpeg":
-            image.convert("RGB").save(buffer, format="JPEG", quality=95)
-        else:
-            image.save(buffer, format="WEBP", quality=95)
-        data = buffer.getvalue()
-    return EncodedImage(
-        data=data, content_type=CONTENT_TYPES[output_format], extension=output_format,
-        sha256=hashlib.sha256(data).hexdigest(), width=image.width, height=image.height,
-    )

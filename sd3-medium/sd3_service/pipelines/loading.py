@@ -10,8 +10,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from sd3_service.pipelines.loras import DeviceLoras, lora_modules
+from sd3_service.pipelines.weights import warn_if_hub_download
 from sd3_service.settings import ARTIFACT_DIR, Settings
-from sd3_service.weights import warn_if_hub_download
 
 log = logging.getLogger("sd3.model")
 
@@ -30,7 +31,8 @@ class ModelSource:
 
 @dataclass
 class LoadedPipeline:
-    """A device's pipelines: text to image (`pipe`), and image to image and inpainting made from its components."""
+    """A device's pipelines: text to image (`pipe`), and image to image and inpainting made from its components;
+    the LoRA adapters loaded into them, and the layers an adapter may adapt."""
 
     pipe: Any
     source: ModelSource
@@ -38,6 +40,8 @@ class LoadedPipeline:
     dtype: str
     img2img: Any = None
     inpaint: Any = None
+    loras: DeviceLoras | None = None
+    lora_modules: dict[str, tuple[int, int]] | None = None
 
     def for_mode(self, mode: str):
         """The pipeline for a request's `mode`: `txt2img`, `img2img` or `inpaint`."""
@@ -132,7 +136,7 @@ def load_weights(settings: Settings, devices: list[str]) -> LoadedWeights:
             "Serving the TINY random-weight SD3 pipeline (%s): images are noise. "
             "Set SD3_MODEL to a diffusers folder or hub id for real images.", source.reason,
         )
-        from sd3_service.tiny_model import build_tiny_pipeline
+        from sd3_service.pipelines.tiny import build_tiny_pipeline
 
         pipe = build_tiny_pipeline(getattr(torch, dtype))
         if without_t5:
@@ -182,10 +186,17 @@ def place_pipeline(weights: LoadedWeights, device: str, settings: Settings, copy
     if settings.sd3_compile:
         pipe.transformer.compile()  # compiles on the first call per input shape: the warm-up pays for 1024x1024
     img2img, inpaint = image_pipelines(pipe)  # after the options above, so they share them too
+    # Adapters adapt the layers as loaded; fused query/key/value projections would bypass them.
+    modules = None if settings.sd3_fuse_qkv else lora_modules(pipe)  # before any adapter wraps a layer
+    loras = None if settings.sd3_fuse_qkv else DeviceLoras(pipe, device, settings.lora_max_loaded)
+    if settings.sd3_tiny_gates is not None and weights.source.kind == "tiny":
+        from sd3_service.pipelines.tiny import GatedPipeline
+
+        pipe, img2img, inpaint = (GatedPipeline(p, settings.sd3_tiny_gates) for p in (pipe, img2img, inpaint))
     log.info("Pipeline on %s: T5 %s, offload %s, fused QKV %s, compiled %s", device, settings.sd3_t5,
              settings.sd3_offload, settings.sd3_fuse_qkv, settings.sd3_compile)
     return LoadedPipeline(pipe=pipe, source=weights.source, device=device, dtype=weights.dtype,
-                          img2img=img2img, inpaint=inpaint)
+                          img2img=img2img, inpaint=inpaint, loras=loras, lora_modules=modules)
 
 
 def load_pipeline(settings: Settings, device: str | None = None) -> LoadedPipeline:

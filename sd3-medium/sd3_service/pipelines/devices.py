@@ -18,26 +18,15 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from sd3_service.contract import PredictRequest
-from sd3_service.generation import generate_images, generation_arguments
-from sd3_service.inputs import NO_INPUTS, Inputs
-from sd3_service.model_loading import LoadedPipeline, LoadedWeights
+from sd3_service.errors import not_ready, queue_full
+from sd3_service.metrics import METRICS
+from sd3_service.pipelines.generation import generate_images, generation_arguments
+from sd3_service.pipelines.loading import LoadedPipeline, LoadedWeights
+from sd3_service.spec import NO_INPUTS, ImageRequest, Inputs, ResolvedLora
 
 log = logging.getLogger("sd3.pool")
 
-WARMUP_REQUEST = PredictRequest(prompt="warm-up", num_inference_steps=2, guidance_scale=7.0)
-
-
-class NotReady(Exception):
-    """No device can generate: the model is still loading, or every device failed."""
-
-
-class QueueFull(Exception):
-    """More requests are waiting than the queue holds."""
-
-    def __init__(self, retry_after: int):
-        super().__init__(f"the generation queue is full; retry in {retry_after} s")
-        self.retry_after = retry_after
+WARMUP_REQUEST = ImageRequest(prompt="warm-up", num_inference_steps=2, guidance_scale=7.0)
 
 
 @dataclass
@@ -53,6 +42,15 @@ class Device:
     @property
     def label(self) -> str:
         return f"{self.name} (device {self.index})"
+
+    @property
+    def metric_label(self) -> str:
+        """Its `device` label on /metrics: `cuda:N`, or `cpu:N` (N its place in SD3_DEVICE) for CPU devices."""
+        return f"cpu:{self.index}" if self.name == "cpu" else self.name
+
+    def set_state(self, state: str, error: str | None = None) -> None:
+        self.state, self.error = state, error
+        METRICS.device(self.metric_label, state)
 
     def describe(self) -> dict[str, str]:
         about = {"device": self.name, "state": self.state}
@@ -79,15 +77,34 @@ class Watcher(Protocol):
     def step(self, step: int, steps: int) -> None: ...
 
 
+class Ticket:
+    """One admitted request's place in the pool: counted in from `admit` until `release` (which `generate` calls
+    when its generation ends), so a request that does not generate after all only releases its ticket."""
+
+    def __init__(self, pool: DevicePool, request_id: str):
+        self.pool = pool
+        self.request_id = request_id
+        self.started = False  # a device took it
+        self.released = False
+
+    def release(self) -> None:
+        """Count the request out; a second call does nothing. Call on the event loop."""
+        if not self.released:
+            self.released = True
+            self.pool._count_out(self)
+
+
 @dataclass
 class _Job:
-    request: PredictRequest
+    request: ImageRequest
+    ticket: Ticket
     request_id: str
     seed: int
     inputs: Inputs
     future: asyncio.Future
     loop: asyncio.AbstractEventLoop
     watcher: Watcher | None = None
+    adapters: list[ResolvedLora] = field(default_factory=list)
     admitted: float = field(default_factory=time.perf_counter)
 
 
@@ -122,8 +139,8 @@ class DevicePool:
         self._load_weights = load_weights
         self._place = place
         self._queue: queue.Queue[_Job | None] = queue.Queue()
-        self._admitted = 0  # requests admitted and not yet done generating (touched on the event loop only)
-        self._waiting: list[str] = []  # request ids in the queue, in order (under `_lock`)
+        self._admitted = 0  # tickets not released yet (touched on the event loop only)
+        self._waiting: list[Ticket] = []  # admitted and not taken by a device yet, in order (under `_lock`)
         self._seconds_per_generation = 1.0  # running estimate, for Retry-After
         self._lock = threading.Lock()
         self._workers: list[threading.Thread] = []
@@ -140,6 +157,8 @@ class DevicePool:
         started = time.perf_counter()
         try:
             self.devices = [Device(name, index) for index, name in enumerate(self._find_devices())]
+            for device in self.devices:
+                device.set_state("loading")
             weights = self._load_weights([device.name for device in self.devices])
         except BaseException as exc:  # noqa: BLE001 - any failure must reach /health, not end the thread silently
             log.exception("Loading the model failed; /health answers 503 failed")
@@ -157,6 +176,8 @@ class DevicePool:
                 log.exception("Placing the model on %s failed; the other devices go on", device.label)
                 self._fail(device, exc)
                 continue
+            if device.pipeline.loras is not None:
+                device.pipeline.loras.device = device.label
             log.info("Placed on %s in %.1f s", device.label, time.perf_counter() - placing)
             worker = threading.Thread(target=self._serve, args=(device,), name=f"sd3-{device.name}", daemon=True)
             self._workers.append(worker)
@@ -174,15 +195,14 @@ class DevicePool:
             self._fail(device, exc)
             return
         self._seconds_per_generation = time.perf_counter() - warming
-        device.state = "ready"
+        device.set_state("ready")
         log.info("%s ready: model %s (%s), warm-up %.1f s", device.label, device.pipeline.source.name,
                  device.pipeline.dtype, self._seconds_per_generation)
         while True:
             job = self._queue.get()
             if job is None:
                 return
-            with self._lock:
-                self._waiting.remove(job.request_id)
+            self._take(job.ticket)
             if not self._run(device, job):
                 return
 
@@ -191,13 +211,17 @@ class DevicePool:
         started = time.perf_counter()
         log.info("[%s] Generating on %s", job.request_id, device.label)
         watcher = job.watcher
+        METRICS.requests_running.inc()
         try:
             if watcher is not None:
                 watcher.started()
+            if device.pipeline.loras is not None:
+                device.pipeline.loras.apply(job.adapters, job.request_id)
             images = generate_images(device.pipeline.for_mode(job.request.mode), seed=job.seed,
                                      on_step=watcher.step if watcher is not None else None,
                                      **generation_arguments(job.request, job.inputs))
         except BaseException as exc:  # noqa: BLE001 - the caller gets the error; the worker decides whether to go on
+            METRICS.requests_running.dec()
             job.loop.call_soon_threadsafe(_settle, job.future, None, exc)
             if is_device_failure(exc):
                 log.error("[%s] %s failed (%s: %s): it takes no more requests; the other devices go on", job.request_id,
@@ -207,20 +231,22 @@ class DevicePool:
                 return False
             return True
         finished = time.perf_counter()
+        METRICS.requests_running.dec()
+        METRICS.generated(device.metric_label, job.request.mode, len(images), finished - started)
         # Logged here, before this device takes its next job: the log's order is the devices' order.
         request = job.request
         log.info("[%s] Generated %d image(s) %dx%d (%s), %d steps, seed %d on %s in %.0f ms", job.request_id,
                  len(images), request.width, request.height, request.mode, request.num_inference_steps, job.seed,
                  device.label, (finished - started) * 1000)
         self._seconds_per_generation = 0.8 * self._seconds_per_generation + 0.2 * (finished - started)
-        generated = Generated(images=images, device=device.label, queue_seconds=started - job.admitted,
+        generated = Generated(images=images, device=device.metric_label, queue_seconds=started - job.admitted,
                               generate_seconds=finished - started)
         job.loop.call_soon_threadsafe(_settle, job.future, generated, None)
         return True
 
     def _fail(self, device: Device, exc: BaseException) -> None:
         with self._lock:
-            device.state, device.error = "failed", f"{type(exc).__name__}: {exc}"
+            device.set_state("failed", f"{type(exc).__name__}: {exc}")
             device.pipeline = None
             if any(d.state != "failed" for d in self.devices):
                 return
@@ -231,9 +257,8 @@ class DevicePool:
             except queue.Empty:
                 return
             if job is not None:
-                with self._lock:
-                    self._waiting.remove(job.request_id)
-                job.loop.call_soon_threadsafe(_settle, job.future, None, NotReady(self.error()))
+                self._take(job.ticket)
+                job.loop.call_soon_threadsafe(_settle, job.future, None, not_ready(self.error()))
 
     # -- state ----------------------------------------------------------------------------------
 
@@ -263,49 +288,84 @@ class DevicePool:
                 return device.pipeline.source.name, device.pipeline.dtype
         return None
 
+    def lora_modules(self) -> dict[str, tuple[int, int]] | None:
+        """The layers a LoRA adapter may adapt, once a device is placed; None when adapters are off (fused QKV)."""
+        for device in self.devices:
+            if device.pipeline is not None:
+                return device.pipeline.lora_modules
+        return None
+
+    def loaded_loras(self) -> dict[str, list[str]]:
+        """Each device's loaded adapters, for /health."""
+        return {device.metric_label: device.pipeline.loras.describe() for device in self.devices
+                if device.pipeline is not None and device.pipeline.loras is not None}
+
     def retry_after(self) -> int:
         """Seconds until a slot is likely free: one of the running generations ends within that."""
         return max(1, math.ceil(self._seconds_per_generation / max(1, self.ready_count())))
 
     # -- requests -------------------------------------------------------------------------------
 
-    def admit(self, bound: int | None = None) -> None:
-        """Count a request in, or refuse it (`NotReady`, `QueueFull`); call on the event loop, then `generate`.
+    def admit(self, request_id: str, bound: int | None = None) -> Ticket:
+        """Count a request in, or refuse it (`ServiceError` 503 `not_ready`, 429 `queue_full`); call on the event
+        loop, then `generate` with the ticket, or `release` it.
 
         `bound`: how many admitted requests may be ahead of it; by default one running on each ready device
         plus `max_queue` waiting (what a caller waiting for its answer may wait behind).
         """
         ready = self.ready_count()
         if not ready:
-            raise NotReady(self.error())
+            raise not_ready(self.error())
         if self._admitted >= (ready + self.max_queue if bound is None else bound):
-            raise QueueFull(self.retry_after())
+            raise queue_full(self.retry_after())
         self._admitted += 1
+        ticket = Ticket(self, request_id)
+        with self._lock:
+            self._waiting.append(ticket)
+            METRICS.requests_waiting.set(len(self._waiting))
+        return ticket
 
     def position(self, request_id: str) -> int | None:
-        """1 for the next request a device takes; None once it runs (or if it is not queued here)."""
+        """1 for the next request a device takes; None once it runs (or if it is not admitted here)."""
         with self._lock:
-            return self._waiting.index(request_id) + 1 if request_id in self._waiting else None
+            for place, ticket in enumerate(self._waiting, start=1):
+                if ticket.request_id == request_id:
+                    return place
+        return None
 
-    def withdraw(self) -> None:
-        """Count out an admitted request that will not `generate` after all (say, its input image was refused)."""
-        self._admitted -= 1
+    def waiting_count(self) -> int:
+        """Requests admitted and not taken by a device yet."""
+        with self._lock:
+            return len(self._waiting)
 
-    async def generate(self, request: PredictRequest, request_id: str, seed: int,
-                       inputs: Inputs = NO_INPUTS, watcher: Watcher | None = None) -> Generated:
-        """Generate on the first free device; the request must have been admitted."""
+    async def generate(self, ticket: Ticket, request: ImageRequest, seed: int, inputs: Inputs = NO_INPUTS,
+                       watcher: Watcher | None = None, adapters: list[ResolvedLora] | None = None) -> Generated:
+        """Generate on the first free device, with `adapters` (LoRA) set on it; releases the ticket when done."""
         loop = asyncio.get_running_loop()
-        job = _Job(request=request, request_id=request_id, seed=seed, inputs=inputs, future=loop.create_future(),
-                    loop=loop, watcher=watcher)
+        job = _Job(request=request, ticket=ticket, request_id=ticket.request_id, seed=seed, inputs=inputs,
+                   future=loop.create_future(), loop=loop, watcher=watcher, adapters=adapters or [])
         try:
             if not self.ready_count():  # every device failed since admission
-                raise NotReady(self.error())
-            with self._lock:
-                self._waiting.append(request_id)
+                raise not_ready(self.error())
             self._queue.put(job)
             return await job.future
         finally:
-            self._admitted -= 1
+            ticket.release()
+
+    def _take(self, ticket: Ticket) -> None:
+        with self._lock:
+            ticket.started = True
+            self._forget(ticket)
+
+    def _count_out(self, ticket: Ticket) -> None:
+        self._admitted -= 1
+        with self._lock:
+            self._forget(ticket)
+
+    def _forget(self, ticket: Ticket) -> None:
+        if ticket in self._waiting:
+            self._waiting.remove(ticket)
+            METRICS.requests_waiting.set(len(self._waiting))
 
     def shutdown(self) -> None:
         for _ in self._workers:

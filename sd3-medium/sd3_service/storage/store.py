@@ -64,6 +64,10 @@ class ImageStore(Protocol):
     def put(self, image: ImageObject) -> Location:
         """Store the image; raise `StoreError` when it could not be stored."""
 
+    def get(self, name: str) -> bytes:
+        """The bytes of an object this store holds; `ObjectRefused` when there is none, `StoreError` when the
+        store cannot be reached."""
+
     def check(self) -> None:
         """Raise `StoreError` when the store cannot take images now (one cheap call, no image)."""
 
@@ -107,6 +111,15 @@ class LocalFolderStore:
         except OSError as exc:
             raise StoreError(f"cannot write {path}: {exc.strerror or exc}") from exc
         return self.location(image.name)
+
+    def get(self, name: str) -> bytes:
+        path = self.root / name
+        try:
+            return path.read_bytes()
+        except FileNotFoundError:
+            raise ObjectRefused(404, f"{path} does not exist") from None
+        except OSError as exc:
+            raise StoreError(f"cannot read {path}: {exc.strerror or exc}") from exc
 
     def check(self) -> None:
         existing = next(folder for folder in (self.root, *self.root.parents) if folder.exists())

@@ -22,7 +22,8 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
-from sd3_service.store import ImageObject, ImageStore, Location, StoreError, same_destination
+from sd3_service.metrics import METRICS
+from sd3_service.storage.store import ImageObject, ImageStore, Location, StoreError, same_destination
 
 log = logging.getLogger("sd3.spool")
 
@@ -63,11 +64,15 @@ class Spool:
     def __init__(self, root: Path):
         self.root = Path(root).expanduser()
 
+    def path(self, name: str, destination: dict) -> Path:
+        """Where an image named `name` for `destination` is kept."""
+        key = json.dumps([name, destination], sort_keys=True).encode()
+        return self.root / (hashlib.sha256(key).hexdigest() + SUFFIX)
+
     def keep(self, image: ImageObject, destination: dict) -> Path:
         """Write the image durably, with where it must go; keeping it again for the same place replaces the file."""
         self.root.mkdir(parents=True, exist_ok=True)
-        key = json.dumps([image.name, destination], sort_keys=True).encode()
-        path = self.root / (hashlib.sha256(key).hexdigest() + SUFFIX)
+        path = self.path(image.name, destination)
         header = {"name": image.name, "content_type": image.content_type, "metadata": image.metadata,
                   "request_id": image.request_id, "destination": destination, "if_absent": image.if_absent,
                   "sha256": hashlib.sha256(image.data).hexdigest(), "kept_at": time.time()}
@@ -183,10 +188,19 @@ class SpoolingStore:
             else:  # a bug in a store, or an SDK error it did not expect: worth its traceback
                 log.exception("[%s] Storing %s failed unexpectedly: keeping it for a later retry", image.request_id,
                               image.name)
+            METRICS.store_failures.inc()
             self._failing(failure_reason(exc))
             return self._keep(image)
         self._ok()
         return PutResult(location=location, stored=True)
+
+    def read(self, name: str) -> bytes:
+        """An image's bytes: from the spool while it waits there, else from the store (`ObjectRefused`,
+        `StoreError` as the store raises them)."""
+        try:
+            return self.spool.load(self.spool.path(name, self.store.destination())).image.data
+        except (FileNotFoundError, SpoolCorrupt):
+            return self.store.get(name)
 
     def describe(self) -> dict:
         about = dict(self.store.describe())
@@ -248,6 +262,7 @@ class SpoolingStore:
             try:
                 location = self.store.put(image)
             except Exception as exc:  # noqa: BLE001 - the uploader must outlive a store's bug; the file stays
+                METRICS.store_failures.inc()
                 if isinstance(exc, StoreError):
                     self._failing(str(exc))
                 else:
@@ -256,6 +271,7 @@ class SpoolingStore:
                 return False
             self._ok()
             self.spool.remove(path)
+            self._count_spooled()
             with self._lock:
                 self._stored_later[image.name] = location
                 while len(self._stored_later) > STORED_LATER_MEMORY:
@@ -273,8 +289,12 @@ class SpoolingStore:
             log.error("[%s] Could not spool %s to %s (%s): the image exists only in its response",
                       image.request_id, image.name, self.spool.root, exc)
         else:
+            self._count_spooled()
             self._wake.set()
         return PutResult(location=self.store.location(image.name), stored=False)
+
+    def _count_spooled(self) -> None:
+        METRICS.spooled_images.set(len(self.spool))
 
     def _waiting(self) -> int:
         """Spooled files this store may upload (those held for another destination wait for their own)."""
@@ -316,6 +336,7 @@ class SpoolingStore:
 
     def _run(self) -> None:
         if self.spool.root.is_dir():
+            self._count_spooled()
             self.spool.discard_partial_writes()
             if len(self.spool):
                 log.info("%d image(s) left in the spool %s from before: uploading those meant for this store",

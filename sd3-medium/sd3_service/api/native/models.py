@@ -1,35 +1,22 @@
-"""The HTTP contract of the service: request and response models, in one place (docs/architecture.md).
+"""The native API's wire models: `POST /predict` (and `/txt2img`, `/img2img`), its answers and errors.
 
-The OpenAPI page, request validation and the README's tables all come from these models.
+The OpenAPI page, request validation and the README's tables all come from these models; each body
+becomes the engine's `ImageRequest` in `to_image_request`.
 """
 
 from __future__ import annotations
 
 import binascii
-import re
-from typing import Annotated, Literal
+import functools
+import operator
+import types
+from typing import Annotated, Literal, Union, get_args, get_origin
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, create_model, field_validator
 
-MAX_SEED = 2**32 - 1
-CONTENT_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
-REQUEST_ID = r"^[A-Za-z0-9_-]{1,64}$"
-MIN_SIDE, MAX_SIDE = 256, 1536  # pixels, for generated images and for input images alike
-OCI_URI = re.compile(r"^oci://(?P<bucket>[A-Za-z0-9._-]{1,256})@(?P<namespace>[A-Za-z0-9_-]{1,128})/(?P<name>[^\x00]{1,1024})$")
-DATA_URL = re.compile(r"^data:(?P<media>[\w.+-]+/[\w.+-]+)?(?:;[\w-]+=[\w.-]+)*;base64,", re.ASCII)
-
-
-def base64_payload(text: str) -> str:
-    """The base64 part of an image field (a `data:` URL's tail, or the text itself), without whitespace."""
-    match = DATA_URL.match(text)
-    # split/join: ~15 ms for 10 MB, where a whitespace regex took ~200 ms, on the event loop
-    return "".join((text[match.end():] if match else text).split())
-
-
-def decode_base64(payload: str) -> bytes:
-    """The bytes of a payload from `base64_payload`; `binascii.Error` if it is not base64 (strictly: no stray
-    characters, right padding)."""
-    return binascii.a2b_base64(payload, strict_mode=True)
+from sd3_service.spec import (DATA_URL, DEFAULT_SIDE, LORAS_DESCRIPTION, MAX_GUIDANCE, MAX_IMAGES, MAX_LORAS,
+                              MAX_PROMPT_CHARS, MAX_SEED, MAX_SIDE, MAX_STEPS, MIN_SIDE, OCI_URI, REQUEST_ID, SIDE_STEP,
+                              Answer, ImageRequest, LoraSpec, Pending, base64_payload, decode_base64)
 
 
 def _image_form(text: str) -> str:
@@ -65,17 +52,18 @@ class ImageParameters(BaseModel):
     # Strict: `true` is not a seed and `"28"` is not a step count; a JSON integer still fills a float field.
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    prompt: str = Field(..., min_length=1, max_length=2000, description="What to draw.")
-    negative_prompt: str | None = Field(None, max_length=2000, description="What to keep out of the image.")
-    num_inference_steps: int = Field(28, ge=1, le=50, description="Denoising steps; more is slower and finer.")
-    guidance_scale: float = Field(7.0, ge=0, le=20, description="How strongly to follow the prompt (CFG).")
-    width: int = Field(1024, ge=MIN_SIDE, le=MAX_SIDE, multiple_of=16,
+    prompt: str = Field(..., min_length=1, max_length=MAX_PROMPT_CHARS, description="What to draw.")
+    negative_prompt: str | None = Field(None, max_length=MAX_PROMPT_CHARS, description="What to keep out of the image.")
+    num_inference_steps: int = Field(28, ge=1, le=MAX_STEPS, description="Denoising steps; more is slower and finer.")
+    guidance_scale: float = Field(7.0, ge=0, le=MAX_GUIDANCE, description="How strongly to follow the prompt (CFG).")
+    width: int = Field(DEFAULT_SIDE, ge=MIN_SIDE, le=MAX_SIDE, multiple_of=SIDE_STEP,
                        description="Image width in pixels, a multiple of 16." + _SIZE_NOTE)
-    height: int = Field(1024, ge=MIN_SIDE, le=MAX_SIDE, multiple_of=16,
+    height: int = Field(DEFAULT_SIDE, ge=MIN_SIDE, le=MAX_SIDE, multiple_of=SIDE_STEP,
                         description="Image height in pixels, a multiple of 16." + _SIZE_NOTE)
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="Random seed; the same seed and parameters give "
                              "the same image. Null: one made from the request id, so a retry makes the same image.")
     output_format: Literal["png", "jpeg", "webp"] = Field("png", description="Image file format.")
+    loras: list[LoraSpec] | None = Field(None, max_length=MAX_LORAS, description=LORAS_DESCRIPTION)
 
     @field_validator("prompt")
     @classmethod
@@ -121,7 +109,7 @@ class PredictRequest(ImageParameters):
     """A request to `POST /predict`: text to image, or image to image with `image`, or inpainting with
     `image` and `mask_image`. Every field but `prompt` is optional."""
 
-    num_images: int = Field(1, ge=1, le=4, description="How many images to generate from the prompt.")
+    num_images: int = Field(1, ge=1, le=MAX_IMAGES, description="How many images to generate from the prompt.")
     request_id: str | None = Field(
         None, pattern=REQUEST_ID,
         description="Idempotency key: the same id sent again, to any instance, returns the first answer (other "
@@ -138,40 +126,9 @@ class PredictRequest(ImageParameters):
     _mask_needs_image = field_validator("mask_image")(_mask_needs_image)
     _check_strength = field_validator("strength")(_check_strength)
 
-    @property
-    def mode(self) -> str:
-        """`txt2img`, `img2img` or `inpaint`: which pipeline serves the request."""
-        if self.image is None:
-            return "txt2img"
-        return "img2img" if self.mask_image is None else "inpaint"
 
-
-class StoredImage(BaseModel):
-    """One generated image and where it is kept."""
-
-    uri: str = Field(..., description="oci://bucket@namespace/object or file:// URI of the image")
-    object_name: str = Field(..., description="`<OBJECT_PREFIX><yyyy>/<mm>/<dd>/<request_id>-<index>.<ext>`")
-    bucket: str | None = Field(None, description="Object Storage bucket; null with the local store")
-    namespace: str | None = Field(None, description="Object Storage namespace; null with the local store")
-    content_type: str = Field(..., description="`image/png`, `image/jpeg` or `image/webp`")
-    bytes: int = Field(..., description="size of the image file")
-    sha256: str = Field(..., description="SHA-256 of the image file, hex")
-    width: int = Field(..., description="pixels")
-    height: int = Field(..., description="pixels")
-    stored: bool = Field(..., description="False when storage failed: the image is in `data` and is stored later")
-    data: str | None = Field(None, exclude_if=lambda v: v is None,
-                             description="base64 image bytes, only when `stored` is false")
-    url: str | None = Field(None, exclude_if=lambda v: v is None,
-                            description="time-limited read-only link, when the server is configured for links")
-
-
-class PredictResponse(BaseModel):
+class PredictResponse(Answer):
     """The answer to a `POST /predict`."""
-
-    request_id: str = Field(..., description="the client's `request_id`, or one the server made")
-    seed: int = Field(..., description="the seed used: send it back to get the same images")
-    images: list[StoredImage] = Field(..., description="one entry per image, in order")
-    timings_ms: dict[str, int] = Field(..., description="queue, generate, encode, store in milliseconds")
 
 
 class PollRequest(BaseModel):
@@ -197,6 +154,12 @@ class PendingResponse(BaseModel):
     progress: Progress | None = Field(..., description="denoising steps done, on the instance running it; else null")
     retry_after: int = Field(..., description="seconds to wait before polling (also the `Retry-After` header)")
 
+    @classmethod
+    def of(cls, pending: Pending) -> PendingResponse:
+        progress = None if pending.progress is None else Progress(step=pending.progress[0], steps=pending.progress[1])
+        return cls(request_id=pending.request_id, status=pending.status, position=pending.position,
+                   progress=progress, retry_after=pending.retry_after)
+
 
 class Problem(BaseModel):
     """One invalid field of a request."""
@@ -207,9 +170,9 @@ class Problem(BaseModel):
 
 class ErrorDetail(BaseModel):
     code: str = Field(..., description="`invalid_input`, `malformed_json`, `payload_too_large`, `queue_full`, "
-                                       "`not_ready`, `input_not_found`, `input_unavailable`, `unknown_request`, "
-                                       "`request_id_reused`, `request_interrupted`, `ledger_unavailable`, "
-                                       "`internal_error`")
+                                       "`not_ready`, `input_not_found`, `input_unavailable`, `lora_not_found`, "
+                                       "`lora_unavailable`, `unknown_request`, `request_id_reused`, "
+                                       "`request_interrupted`, `ledger_unavailable`, `internal_error`")
     message: str = Field(..., description="what is wrong and what is allowed")
     field: str | None = Field(..., description="the (first) offending field; null when no field is at fault")
     problems: list[Problem] | None = Field(None, description="every invalid field, for `invalid_input`")
@@ -234,3 +197,49 @@ class HealthResponse(BaseModel):
     jobs: int | None = Field(None, description="requests this server holds, queued or running")
     error: str | None = Field(None, description="why loading failed")
 
+
+def to_image_request(sent: ImageParameters) -> ImageRequest:
+    """The engine's request for a validated body of `/predict`, `/txt2img` or `/img2img`.
+
+    A size the client did not send is 1024, except with an input image, where it is left to the image's size.
+    """
+    given = sent.model_fields_set
+    image = getattr(sent, "image", None)
+    unsized = image is not None
+    return ImageRequest(
+        prompt=sent.prompt, negative_prompt=sent.negative_prompt, num_inference_steps=sent.num_inference_steps,
+        guidance_scale=sent.guidance_scale,
+        width=sent.width if "width" in given or not unsized else None,
+        height=sent.height if "height" in given or not unsized else None,
+        seed=sent.seed, num_images=getattr(sent, "num_images", 1), output_format=sent.output_format,
+        image=image, strength=getattr(sent, "strength", None) if image is not None else None,
+        mask_image=getattr(sent, "mask_image", None), request_id=getattr(sent, "request_id", None),
+        wait=getattr(sent, "wait", True), loras=tuple(lora.choice() for lora in sent.loras or ()),
+    )
+
+
+def _without_checks(annotation):
+    """`annotation` without the validators `Annotated` attaches (as `ImageInput` does), in unions too."""
+    if get_origin(annotation) is Annotated:
+        return get_args(annotation)[0]
+    if get_origin(annotation) in (Union, types.UnionType):
+        return functools.reduce(operator.or_, (_without_checks(arg) for arg in get_args(annotation)))
+    return annotation
+
+
+def schema_only(name: str, *models: type[BaseModel], optional: frozenset[str] | None = None) -> type[BaseModel]:
+    """A model with the fields, types and descriptions of `models` but none of their checks, for BentoML's route
+    declarations.
+
+    BentoML's client builds its calls from them (`bentoml.SyncHTTPClient(url).predict(prompt=...)`) and reads
+    only the answer fields they name, while the guard (`api/guard.py`) validates each body with the model itself,
+    once. `optional`: fields that lose `required` (None: all of them).
+    """
+    fields = {}
+    for model in models:
+        for field_name, info in model.model_fields.items():
+            annotation, default = _without_checks(info.annotation), info.default
+            if optional is None or field_name in optional:
+                annotation, default = annotation | None, None
+            fields[field_name] = (annotation, Field(default, description=info.description))
+    return create_model(name, __config__=ConfigDict(extra="allow"), __doc__=models[0].__doc__, **fields)

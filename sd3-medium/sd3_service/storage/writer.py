@@ -13,19 +13,17 @@ import json
 import time
 from dataclasses import dataclass
 
-from sd3_service.contract import PredictRequest, PredictResponse, StoredImage
-from sd3_service.generation import EncodedImage, encode_image
-from sd3_service.inputs import NO_INPUTS, Inputs
-from sd3_service.naming import image_name, sidecar_name
-from sd3_service.spool import Spool, SpoolingStore
-from sd3_service.store import ImageObject, ImageStore, LocalFolderStore
-
+from sd3_service.spec import NO_INPUTS, Answer, ImageRequest, Inputs, StoredImage
+from sd3_service.storage.encoding import EncodedImage, encode_image
+from sd3_service.storage.naming import image_name, sidecar_name
+from sd3_service.storage.spool import Spool, SpoolingStore
+from sd3_service.storage.store import ImageObject, ImageStore, LocalFolderStore
 
 
 def build_store(settings) -> ImageStore:
     """The Object Storage store when `BUCKET_NAME` is set, else the local folder (no client built here)."""
     if settings.bucket_name:
-        from sd3_service.object_storage import ObjectStorageStore  # the oci SDK is slow to import: only if used
+        from sd3_service.storage.object_storage import ObjectStorageStore  # the oci SDK is slow to import: only if used
 
         return ObjectStorageStore.from_settings(settings)
     return LocalFolderStore(settings.image_dir)
@@ -70,17 +68,22 @@ class ImageWriter:
     def describe(self) -> dict:
         return self.store.describe()
 
-    def write(self, request: PredictRequest, request_id: str, seed: int, images: list, model: str,
-              inputs: Inputs = NO_INPUTS, day: dt.datetime | None = None) -> Written:
+    def makes_links(self) -> bool:
+        """Whether stored images get a time-limited read-only link (`RETURN_URL` with Object Storage)."""
+        return bool(getattr(self.store.store, "return_url", False))
+
+    def write(self, request: ImageRequest, request_id: str, seed: int, images: list, model: str,
+              inputs: Inputs = NO_INPUTS, day: dt.datetime | None = None, adapters: list[dict] | None = None) -> Written:
         """Encode and store `images`, generated for `request` with `seed` (and `inputs`) by `model`.
 
         `day`: the date in the images' names (the request's, recorded when it was first accepted); today if None.
+        `adapters`: the LoRA adapters applied, by name and sha256.
         """
         began = time.perf_counter()
-        files = [encode_image(image, request.output_format) for image in images]
+        files = [encode_image(image, request.output_format, request.output_quality) for image in images]
         encoded = time.perf_counter()
         now = day or dt.datetime.now(dt.timezone.utc)
-        metadata = image_metadata(request, seed, model, inputs)
+        metadata = image_metadata(request, seed, model, inputs, adapters)
         stored = []
         for index, file in enumerate(files):
             # Only where nothing has the name yet: an object named in an answer never gets other bytes (a
@@ -97,11 +100,11 @@ class ImageWriter:
                 data=None if result.stored else base64.b64encode(file.data).decode("ascii"),
             ))
         if self.store_params:
-            self._store_sidecar(request, request_id, seed, stored, metadata, model, now, inputs)
+            self._store_sidecar(request, request_id, seed, stored, metadata, model, now, inputs, adapters)
         return Written(files=files, images=stored, encode_seconds=encoded - began,
                        store_seconds=time.perf_counter() - encoded)
 
-    def as_stored_since(self, response: PredictResponse) -> PredictResponse:
+    def as_stored_since(self, response: Answer) -> Answer:
         """An earlier answer, with the images the spool has stored since marked stored (and no inline copy)."""
         if all(image.stored for image in response.images):
             return response
@@ -112,13 +115,26 @@ class ImageWriter:
                 update={"stored": True, "data": None, "uri": where.uri, "url": where.url}))
         return response.model_copy(update={"images": images})
 
-    def _store_sidecar(self, request, request_id, seed, stored, metadata, model, now, inputs) -> None:
+    def read(self, image: StoredImage) -> bytes:
+        """The bytes of an image an earlier answer named: inline, in the spool, or from the store."""
+        if image.data is not None:
+            return base64.b64decode(image.data)
+        return self.store.read(image.object_name)
+
+    def _store_sidecar(self, request, request_id, seed, stored, metadata, model, now, inputs, adapters) -> None:
         """Store `<request_id>.json`: the body that reproduces these images, and what they are."""
         # Sent back to /predict as the body (with the same `image` and `mask_image`, which are described in
         # `inputs` but never copied here), this makes the same images on the same hardware and software.
-        parameters = request.model_dump(mode="json", exclude={"request_id", "image", "mask_image", "wait"}) | {"seed": seed}
-        if request.image is None:
-            del parameters["strength"]
+        parameters = {"prompt": request.prompt, "negative_prompt": request.negative_prompt,
+                      "num_inference_steps": request.num_inference_steps, "guidance_scale": request.guidance_scale,
+                      "width": request.width, "height": request.height, "seed": seed,
+                      "num_images": request.num_images, "output_format": request.output_format}
+        if request.image is not None:
+            parameters["strength"] = request.repaint_strength
+        if request.output_quality is not None:
+            parameters["output_quality"] = request.output_quality
+        if request.loras:
+            parameters["loras"] = [{"name": lora.name, "scale": lora.scale} for lora in request.loras]
         record = {
             "request_id": request_id,
             "created": now.isoformat(),
@@ -127,12 +143,15 @@ class ImageWriter:
             "inputs": inputs.describe(),
             "images": [{"object_name": s.object_name, "sha256": s.sha256, "bytes": s.bytes} for s in stored],
         }
+        if adapters:
+            record["loras"] = adapters
         self.store.put(ImageObject(name=sidecar_name(self.object_prefix, request_id, now),
                                    data=json.dumps(record, indent=1).encode(), content_type="application/json",
                                    metadata=metadata, request_id=request_id, if_absent=True))
 
 
-def image_metadata(request: PredictRequest, seed: int, model: str, inputs: Inputs = NO_INPUTS) -> dict[str, str]:
+def image_metadata(request: ImageRequest, seed: int, model: str, inputs: Inputs = NO_INPUTS,
+                   adapters: list[dict] | None = None) -> dict[str, str]:
     """Generation parameters stored with each image (never the prompt text, never an input image's bytes)."""
     metadata = {
         "seed": str(seed),
@@ -149,4 +168,8 @@ def image_metadata(request: PredictRequest, seed: int, model: str, inputs: Input
                          "input-size": f"{inputs.image.width}x{inputs.image.height}"})
     if inputs.mask is not None:
         metadata.update({"mask-sha256": inputs.mask.sha256, "mask-bytes": str(inputs.mask.bytes)})
+    if request.user is not None:
+        metadata["user-sha256"] = hashlib.sha256(request.user.encode()).hexdigest()
+    for index, adapter in enumerate(adapters or []):
+        metadata[f"lora-{index}"] = f"{adapter['sha256']}:{adapter['scale']}"
     return metadata

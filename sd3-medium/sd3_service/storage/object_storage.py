@@ -20,8 +20,8 @@ from urllib.parse import quote
 
 import oci
 
-from sd3_service.records import RecordChanged, RecordExists
-from sd3_service.store import ImageObject, Location, ObjectRefused, StoreError
+from sd3_service.storage.records import RecordChanged, RecordExists
+from sd3_service.storage.store import ImageObject, Location, ObjectRefused, StoreError
 
 log = logging.getLogger("sd3.store")
 
@@ -232,6 +232,28 @@ class ObjectStorageStore:
         finally:
             stream.close()
         return bytes(data)
+
+    def etag(self, namespace: str, bucket: str, name: str) -> str:
+        """An object's ETag (a HEAD request): whether it changed since it was read. Raises as `read` does."""
+        where = f"oci://{bucket}@{namespace}/{name}"
+        try:
+            response = self.client().head_object(namespace, bucket, name,
+                                                 retry_strategy=retry_strategy(self.timeout_seconds))
+        except oci.exceptions.ServiceError as exc:
+            if exc.status in (400, 401, 403, 404):
+                raise ObjectRefused(exc.status, f"Object Storage answered {exc.status} for {where}"
+                                    + (" (the object does not exist, or the policy does not let this deployment "
+                                       "read it)" if exc.status == 404 else "")) from None
+            raise StoreError(self._explain(exc)) from None
+        except SDK_FAILURES as exc:
+            raise StoreError(self._explain(exc)) from None
+        return response.headers.get("etag", "")
+
+    def get(self, name: str) -> bytes:
+        """An object of this store's bucket (an image it stored), at most 64 MB."""
+        if not self.namespace:
+            self.check()
+        return self.read(self.namespace, self.bucket, name, 64 * 1024 * 1024)
 
     # -- records (the request ledger): conditional requests, 412 when the condition fails
 

@@ -1,0 +1,210 @@
+"""The OpenAI Images API surface: `POST /v1/images/generations`, `POST /v1/images/edits`, `GET /v1/models`.
+
+An adapter over the engine, so that the official `openai` SDK works against the service as it is (with
+`base_url=<endpoint>/v1`, or `<md endpoint>/predict/v1` through OCI Model Deployment's `openai`
+specification). Images are made, named, stored and recorded exactly as `/predict` does. The
+`Idempotency-Key` header is the request id: a request not done within `SYNC_WAIT_SECONDS` answers 409
+with `Retry-After` and `x-should-retry: true`, so the SDK's own retries (same key) collect the one answer;
+without a key it says `x-should-retry: false` and names the request id to poll on `/predict`.
+`error_response` is the one place a `ServiceError` becomes OpenAI's error shape.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import re
+
+from fastapi import APIRouter, Request
+from pydantic import ValidationError
+from starlette.datastructures import UploadFile
+from starlette.responses import JSONResponse, Response
+
+from sd3_service.api.guard import GuardedRoute, json_object, problems_of, validated, validated_body
+from sd3_service.api.openai.models import (SERVED_MODEL, WIRE_NAMES, EditForm, GenerationBody, ImageData, ImageOptions,
+                                           ImagesResponse, ModelCard, ModelList, now, to_image_request)
+from sd3_service.engine import Engine
+from sd3_service.errors import Problem, ServiceError, caller_error, invalid_field, invalid_input
+from sd3_service.metrics import METRICS
+from sd3_service.spec import REQUEST_ID, Finished, Pending
+
+log = logging.getLogger("sd3")
+
+GENERATIONS, EDITS, MODELS = "/v1/images/generations", "/v1/images/edits", "/v1/models"
+IDEMPOTENCY_KEY = "Idempotency-Key"
+STARTED = now()  # `created` of the one model listed
+
+router = APIRouter()
+
+
+def error_response(error: ServiceError, request_id: str | None = None, retry: bool | None = None) -> JSONResponse:
+    """`{"error": {"message", "type", "param", "code"}}`, so the SDK raises its own class (`BadRequestError`,
+    `RateLimitError`, ...) with `.param` naming the field as this API names it.
+
+    `retry`: whether the SDK should send the same request again (`x-should-retry`); by default, not after a 4xx
+    other than 429 (the same call would fail the same way, and the SDK would retry a 409).
+    """
+    METRICS.error(error.code)
+    if error.status == 429:
+        kind = "rate_limit_error"
+    elif error.status >= 500:
+        kind = "server_error"
+    else:
+        kind = "invalid_request_error"
+    param = WIRE_NAMES.get(error.field, error.field) if error.field else None
+    message = error.message
+    if error.field in WIRE_NAMES:  # say it in this API's words: `mask: ...`, not `mask_image: ...`
+        message = re.sub(rf"\b{error.field}\b", param, message)
+    headers = {}
+    if error.retry_after:
+        headers["Retry-After"] = str(error.retry_after)
+    if retry is None:
+        retry = error.status >= 500 or error.status == 429
+    headers["x-should-retry"] = "true" if retry else "false"
+    if request_id:
+        headers["x-request-id"] = request_id
+    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": error.code}},
+                        status_code=error.status, headers=headers)
+
+
+def guarded_routes() -> dict[str, GuardedRoute]:
+    """How the guard reads this surface's bodies: JSON for generations; the edits' form is read by its route."""
+    return {GENERATIONS: GuardedRoute(error_response, lambda body, headers: validated(GenerationBody,
+                                                                                       json_object(body))),
+            EDITS: GuardedRoute(error_response)}
+
+
+@router.get(MODELS)
+async def models(request: Request) -> JSONResponse:
+    """The one model served."""
+    card = ModelCard(id=SERVED_MODEL, created=STARTED, owned_by="stabilityai")
+    return JSONResponse(ModelList(data=[card]).model_dump())
+
+
+@router.post(GENERATIONS)
+async def generations(request: Request) -> Response:
+    """Make `n` images from a prompt."""
+    return await _answer(request, validated_body(request.scope))
+
+
+@router.post(EDITS)
+async def edits(request: Request) -> Response:
+    """Repaint an image: where the mask is fully transparent with a mask (inpainting), else all of it."""
+    try:
+        options, image, mask = await _edit_form(request)
+    except ServiceError as exc:
+        return error_response(exc)
+    return await _answer(request, options, image, mask)
+
+
+async def _answer(request: Request, options: ImageOptions, image: bytes | None = None,
+                  mask: bytes | None = None) -> Response:
+    engine: Engine = request.app.state.engine
+    request_id = None
+    try:
+        request_id = _idempotency_key(request)
+        _check_model(options, engine)
+        if options.response_format == "url" and not engine.writer.makes_links():
+            raise invalid_field("response_format", "'url' needs a deployment that makes links (RETURN_URL=true "
+                                                   "with an Object Storage bucket); use b64_json")
+        outcome = await engine.run(to_image_request(options, request_id, image, mask))
+        if isinstance(outcome, Pending):  # with a key, the SDK's own retry collects it; without, it must not retry
+            return error_response(_in_progress(outcome, keyed=request_id is not None), outcome.request_id,
+                                  retry=request_id is not None)
+        request_id = outcome.answer.request_id
+        body = await _images_response(engine, outcome, options)
+    except Exception as exc:  # noqa: BLE001 - every failure answers in OpenAI's shape (a bug: logged, 500)
+        return error_response(caller_error(exc, log), request_id)
+    return JSONResponse(body.model_dump(mode="json"), headers={"x-request-id": request_id})
+
+
+async def _images_response(engine: Engine, finished: Finished, options: ImageOptions) -> ImagesResponse:
+    images = finished.answer.images
+    if options.response_format == "url" and all(image.url for image in images):
+        data = [ImageData(url=image.url) for image in images]
+    else:  # b64_json; or a link the store could not make (it was down): the image itself, never nothing
+        data = [ImageData(b64_json=base64.b64encode(file).decode("ascii"))
+                for file in await engine.image_bytes(finished)]
+    first = images[0]
+    return ImagesResponse(created=now(), data=data, output_format=options.output_format,
+                          size=f"{first.width}x{first.height}")
+
+
+def _idempotency_key(request: Request) -> str | None:
+    key = request.headers.get(IDEMPOTENCY_KEY)
+    if key is not None and not re.fullmatch(REQUEST_ID, key):
+        raise ServiceError(400, "invalid_input", f"the {IDEMPOTENCY_KEY} header must match {REQUEST_ID} (1 to 64 "
+                                                 "letters, digits, '_' or '-'), such as a UUID4's hex",
+                           field=IDEMPOTENCY_KEY)
+    return key
+
+
+def _check_model(options: ImageOptions, engine: Engine) -> None:
+    if options.model not in (None, SERVED_MODEL, engine.model_name()):
+        raise ServiceError(404, "model_not_found", f"The model `{options.model}` does not exist; this deployment "
+                                                   f"serves `{SERVED_MODEL}` (GET /v1/models)", field="model")
+
+
+def _in_progress(pending: Pending, keyed: bool) -> ServiceError:
+    """Not done within `SYNC_WAIT_SECONDS`: with a key, a retryable 409 that the SDK's retries collect."""
+    if keyed:
+        message = (f"the image is still being made ({pending.status}); sending the same request with the same "
+                   f"{IDEMPOTENCY_KEY} collects it without making it again")
+    else:
+        message = (f"the image is still being made as request '{pending.request_id}': poll it with POST /predict "
+                   f"{{\"request_id\": \"{pending.request_id}\"}}, and send an {IDEMPOTENCY_KEY} header next time "
+                   "so that a retry collects the answer instead of making another image")
+    return ServiceError(409, "request_in_progress", message, retry_after=pending.retry_after)
+
+
+def _json_field(name: str, text: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        raise invalid_field(name, "not JSON: send a list such as [{\"name\": \"ink\", \"scale\": 0.8}]") from None
+
+
+async def _edit_form(request: Request) -> tuple[EditForm, bytes, bytes | None]:
+    """The edit's form: its one image, its mask (if any), and its fields as `EditForm`."""
+    try:
+        form = await request.form()
+    except Exception as exc:  # noqa: BLE001 - Starlette's parser raises several kinds for a bad body
+        raise ServiceError(400, "malformed_form", f"the body is not a multipart form: {exc}", field="body") from None
+    images = form.getlist("image") + form.getlist("image[]")
+    fields: dict = {}
+    loras: list[dict] = []
+    for name, value in form.multi_items():
+        if name in ("image", "image[]", "mask"):
+            continue
+        if isinstance(value, UploadFile):
+            raise invalid_field(name, "must be a form field, not a file")
+        if name.startswith("loras[]["):  # the SDK's `extra_body={"loras": [...]}`: loras[][name], loras[][scale], ...
+            key = name.removeprefix("loras[][").removesuffix("]")
+            if key == "name" or not loras:
+                loras.append({})
+            loras[-1][key] = value
+        elif name == "loras":  # or the list as JSON text, as curl -F sends it
+            fields[name] = _json_field(name, value)
+        else:
+            fields[name] = value
+    if loras:
+        fields["loras"] = loras
+    problems: list[Problem] = []
+    if not images:
+        problems.append(Problem("image", "'image' is required: the image to edit, as a file"))
+    elif len(images) > 1:
+        problems.append(Problem("image", f"image: {len(images)} images were sent; this model edits one image"))
+    elif not isinstance(images[0], UploadFile):
+        problems.append(Problem("image", "image: must be a file (a PNG, JPEG or WebP)"))
+    mask = form.get("mask")
+    if mask is not None and not isinstance(mask, UploadFile):
+        problems.append(Problem("mask", "mask: must be a file (a PNG whose transparent pixels mark where to edit)"))
+    try:
+        options = EditForm.model_validate(fields)
+    except ValidationError as exc:
+        problems += problems_of(exc)
+        options = None
+    if problems:
+        raise invalid_input(problems, allowed=["image", "mask", *EditForm.model_fields])
+    return options, await images[0].read(), None if mask is None else await mask.read()

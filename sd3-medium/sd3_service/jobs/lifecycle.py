@@ -1,0 +1,288 @@
+"""A request's lifecycle: the jobs this process holds, and the ledger's choreography across instances.
+
+Every request is a job with an id. This process answers a repeated id from the jobs it holds; else the
+ledger (a record per id in the store) says whether another process, instance or earlier run owns it:
+its answer when done, its state while it runs, a takeover when its owner died. While a job runs, its
+record's lease is renewed; when it ends, its answer or its error is written into the record. When the
+store cannot be reached a request is served as without a ledger, and its record is written once the
+store is back.
+
+The engine calls, in order: `held` (a repeat?), `check_room` and `open` (a new job), `claim` (ours, or
+another owner's record), `follow` (that owner's answer, or a takeover), then `done` or `failed`; `lookup`
+answers polls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from concurrent.futures import Executor
+from dataclasses import replace
+from typing import Protocol
+
+from sd3_service.errors import ServiceError, queue_full
+from sd3_service.jobs.book import Job, JobBook
+from sd3_service.jobs.ledger import Ledger, Record, differing_fields
+from sd3_service.metrics import METRICS
+from sd3_service.spec import Answer
+from sd3_service.storage.store import ImageObject, StoreError
+
+log = logging.getLogger("sd3.jobs")
+
+
+class RecordSpool(Protocol):
+    def put(self, image: ImageObject):
+        """Store an object now, or keep it and store it once the store is back (never raises)."""
+
+
+class RequestLog(logging.LoggerAdapter):
+    def process(self, msg, kwargs):
+        return f"[{self.extra['request_id']}] {msg}", kwargs
+
+
+def request_log(request_id: str, logger: logging.Logger = log) -> RequestLog:
+    """A logger whose every line names the request."""
+    return RequestLog(logger, {"request_id": request_id})
+
+
+class Lifecycle:
+    """Where each request stands: in this process (`JobBook`), and across instances (`Ledger`).
+
+    Args:
+        book: the jobs this process holds and its latest answers.
+        ledger: the request records in the store; None serves from this process's memory only.
+        spool: where a record goes when the store cannot take it now (the image writer's spooling store).
+        io: the thread pool that makes the store calls.
+        max_jobs: jobs this process holds (queued or running) before it answers 429.
+        pause_seconds: after a failed claim, requests skip the ledger this long (each claim may retry ~6 s).
+    """
+
+    def __init__(self, book: JobBook, ledger: Ledger | None, spool: RecordSpool, io: Executor, max_jobs: int = 64,
+                 pause_seconds: float = 10.0):
+        self.book = book
+        self.ledger = ledger
+        self.spool = spool
+        self.io = io
+        self.max_jobs = max_jobs
+        self.pause_seconds = pause_seconds
+        self._down_until = 0.0
+        self._renewing: asyncio.Task | None = None
+
+    # -- this process -------------------------------------------------------------------------------
+
+    def held(self, request_id: str, parameters: dict) -> Job | None:
+        """The job this process holds for the id, if any; 409 if it was sent with other parameters."""
+        job = self.book.get(request_id)
+        if job is not None:
+            refuse_if_reused(request_id, job.parameters, parameters, job.seed)
+        return job
+
+    def check_room(self, retry_after: int) -> None:
+        """429 `queue_full` when this process already holds `max_jobs` jobs (queued or running)."""
+        if len(self.book.active()) >= self.max_jobs:
+            raise queue_full(retry_after)
+
+    def open(self, job: Job, work) -> Job:
+        """Hold a new job whose work is `work` (a coroutine, run as its own task)."""
+        self._start_renewing()
+        # Its own task: a caller that goes away (a client or load-balancer timeout) does not cancel it, so the
+        # images are still stored and a retry with this id gets the answer.
+        job.work = asyncio.ensure_future(work)
+        self.book.add(job)
+        return job
+
+    def active(self) -> list[Job]:
+        return self.book.active()
+
+    # -- the ledger ---------------------------------------------------------------------------------
+
+    async def claim(self, job: Job) -> tuple[Record, str] | None:
+        """Claim the id in the ledger: None when this process owns it (or the store is down: it is then served
+        as without a ledger), else the record someone else holds, with its etag."""
+        if self.ledger is None:
+            return None
+        record = self.ledger.new_record(job.request_id, job.seed, job.parameters, job.day)
+        if time.monotonic() < self._down_until:
+            request_log(job.request_id).warning("The ledger's store failed moments ago: serving it from this "
+                                                "process; its record is written once the store is back")
+            return None
+        try:
+            claim = await self._in_io(self.ledger.claim, record)
+        except StoreError as exc:
+            self._down_until = time.monotonic() + self.pause_seconds
+            request_log(job.request_id).warning("Cannot claim the request in the ledger (%s): serving it from this "
+                                                "process; its record is written once the store is back", exc)
+            return None
+        if claim.mine:
+            job.record, job.etag = claim.record, claim.etag
+            return None
+        return claim.record, claim.etag
+
+    async def follow(self, job: Job, record: Record, etag: str) -> Answer | None:
+        """Wait for another owner's record to finish: its answer, or None once this process took it over (its
+        owner died, or failed with a service error) and must generate it, with the recorded seed and day."""
+        try:
+            return await self._follow(job, record, etag)
+        except StoreError as exc:  # the store failed while following: serve it as in an outage
+            request_log(job.request_id).warning("Cannot follow its record (%s): generating it here with the "
+                                                "recorded seed, under the same names", exc)
+            job.record = job.etag = None
+            job.seed, job.day = record.seed, record.day
+            return None
+
+    async def _follow(self, job: Job, record: Record, etag: str) -> Answer | None:
+        refuse_if_reused(job.request_id, record.parameters, job.parameters, record.seed)
+        interval = max(0.2, min(2.0, self.ledger.lease_seconds / 5))
+        while True:
+            job.state = record.state if record.state in ("queued", "running") else job.state
+            if record.state == "done":
+                request_log(job.request_id).info("Answering the recorded answer (owner %s)", record.owner)
+                job.state = "done"
+                return Answer.model_validate(record.answer)
+            if record.state == "failed" and record.error["status"] < 500:
+                raise ServiceError.from_record(record.error)  # the request's own fault: it would fail again
+            if record.state == "failed" or not record.lease_live():  # a service failure, or a dead owner
+                taken = await self._in_io(self.ledger.take_over, record, etag)
+                if taken is not None:
+                    METRICS.takeovers.inc()
+                    request_log(job.request_id).warning(
+                        "Took over from %s (%s): generating again with seed %d under the same names", record.owner,
+                        "it failed" if record.state == "failed" else "its lease expired", record.seed)
+                    job.record, job.etag = taken
+                    job.seed, job.day, job.state = record.seed, record.day, "queued"
+                    return None
+            await asyncio.sleep(interval)
+            found = await self._in_io(self.ledger.read, job.request_id)
+            if found is None:  # deleted (a lifecycle rule): claim it afresh
+                claim = await self._in_io(self.ledger.claim, self.ledger.new_record(
+                    job.request_id, job.seed, job.parameters, job.day))
+                if claim.mine:
+                    job.record, job.etag = claim.record, claim.etag
+                    return None
+                found = claim.record, claim.etag
+            record, etag = found
+
+    async def done(self, job: Job, answer: Answer) -> None:
+        """Write the answer into the record (without inline image data), before the caller gets it."""
+        job.state = "done"
+        if self.ledger is None:
+            return
+        recorded = answer.model_dump(mode="json", exclude={"images": {"__all__": {"data"}}})
+        async with job.lock:
+            if job.record is not None and job.etag is not None:
+                record = replace(job.record, state="done", answer=recorded, lease_expires=0.0)
+                try:
+                    etag = await self._in_io(self.ledger.write, record, job.etag)
+                except StoreError as exc:
+                    request_log(job.request_id).warning("Cannot record the answer now (%s): the spool writes it "
+                                                        "later", exc)
+                    self._spool(record, if_absent=False)
+                    return
+                if etag is None:
+                    request_log(job.request_id).warning("Its record changed meanwhile (a takeover after a missed "
+                                                        "renewal); that one answers with the same seed and names")
+                else:
+                    job.record, job.etag = record, etag
+            elif job.record is None:  # never claimed: the store was down; the first record written wins
+                record = replace(self.ledger.new_record(job.request_id, job.seed, job.parameters, job.day),
+                                 state="done", answer=recorded, lease_expires=0.0)
+                self._spool(record, if_absent=True)
+
+    async def failed(self, job: Job, exc: BaseException) -> None:
+        """Record a failed job's error, so that a poll answers it. The same request sent again meets the same
+        error when it was its own (4xx: its input); a failure of the service (5xx) is run again instead."""
+        job.state = "failed"
+        if self.ledger is None or job.record is None or job.etag is None or isinstance(exc, asyncio.CancelledError):
+            return  # not ours to write; or the server is stopping: the lease expires and another takes over
+        async with job.lock:
+            try:
+                await self._in_io(self.ledger.write, replace(job.record, state="failed",
+                                                             error=ServiceError.of(exc).to_record(),
+                                                             lease_expires=0.0), job.etag)
+            except StoreError as store_error:
+                request_log(job.request_id).warning("Cannot record its failure (%s): it expires with its lease",
+                                                    store_error)
+            job.etag = None
+
+    async def lookup(self, request_id: str) -> Job | Answer | Record:
+        """What a poll finds: the job this process holds, the recorded answer, or the record of a live request
+        elsewhere; `ServiceError` for an unknown id, a failed request (its own error), an interrupted one."""
+        job = self.book.get(request_id)
+        if job is not None:
+            return job
+        if self.ledger is None:
+            raise ServiceError(404, "unknown_request", f"no request '{request_id}' is known")
+        try:
+            found = await self._in_io(self.ledger.read, request_id)
+        except StoreError as exc:
+            raise ServiceError(503, "ledger_unavailable", f"cannot read the request's record now: {exc}",
+                               retry_after=10) from None
+        if found is None:
+            raise ServiceError(404, "unknown_request", f"no request '{request_id}' was ever accepted")
+        record, _ = found
+        if record.state == "done":
+            return Answer.model_validate(record.answer)
+        if record.state == "failed":
+            raise ServiceError.from_record(record.error)
+        if record.lease_live():
+            return record
+        raise ServiceError(409, "request_interrupted",
+                           f"the server running '{request_id}' stopped before it finished; send the same request "
+                           "again (its request_id and fields) to run it again, with the same seed and image names")
+
+    # -- leases -------------------------------------------------------------------------------------
+
+    def _start_renewing(self) -> None:
+        if self.ledger is not None and self._renewing is None:
+            self._renewing = asyncio.ensure_future(self._renew_forever())
+
+    async def _renew_forever(self) -> None:
+        """Renew the lease of every record this process holds, a third of a lease apart, with its state."""
+        while True:
+            await asyncio.sleep(self.ledger.lease_seconds / 3)
+            for job in self.book.active():
+                try:
+                    await self._renew(job)
+                except Exception:  # noqa: BLE001 - one record's trouble must not stop the renewals
+                    log.exception("[%s] Renewing its lease failed", job.request_id)
+
+    async def _renew(self, job: Job) -> None:
+        async with job.lock:
+            if job.record is None or job.etag is None or job.state not in ("queued", "running"):
+                return
+            record = replace(self.ledger.renewed(job.record), state=job.state)
+            try:
+                etag = await self._in_io(self.ledger.write, record, job.etag)
+            except StoreError as exc:
+                request_log(job.request_id).warning("Cannot renew its lease now (%s)", exc)
+                return
+            if etag is None:
+                request_log(job.request_id).warning("Lost its record to a takeover (a renewal came too late); "
+                                                    "finishing anyway: the same seed makes the same images")
+                job.etag = None
+                return
+            job.record, job.etag = record, etag
+
+    def stop(self) -> None:
+        if self._renewing is not None:
+            self._renewing.cancel()
+
+    # -- internals
+
+    def _spool(self, record: Record, if_absent: bool) -> None:
+        self.spool.put(ImageObject(name=self.ledger.name(record.request_id), data=record.to_json(),
+                                   content_type="application/json", request_id=record.request_id,
+                                   if_absent=if_absent))
+
+    async def _in_io(self, function, *args):
+        return await asyncio.get_running_loop().run_in_executor(self.io, function, *args)
+
+
+def refuse_if_reused(request_id: str, recorded: dict, sent: dict, recorded_seed: int) -> None:
+    """409 `request_id_reused` when a request differs from the one first sent with its id, naming the fields."""
+    differ = differing_fields(recorded, sent, recorded_seed)
+    if differ:
+        raise ServiceError(409, "request_id_reused",
+                           f"request_id '{request_id}' was first sent with other values of: {', '.join(differ)}; "
+                           "use a new request_id for a new request", field=differ[0])

@@ -1,0 +1,1 @@
+"""The model: find and load the weights, place a pipeline on every device, and run generations there."""

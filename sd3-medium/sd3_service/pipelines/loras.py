@@ -1,0 +1,107 @@
+"""The LoRA adapters loaded on one device: loaded once, kept up to `LORA_MAX_LOADED`, set per request.
+
+Each adapter is loaded into the device's pipeline under a name made from its content's sha256 (so the same
+file named two ways is one adapter), on the device's own worker thread, and unloaded when it is the least
+recently used beyond the limit. A request's adapters are set active at its scales; a request without any
+(or only at scale 0) runs with LoRA disabled, which is exactly the model without adapters.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import OrderedDict
+
+from sd3_service.spec import ResolvedLora
+
+log = logging.getLogger("sd3.loras")
+
+# Loading an adapter is not safe on two threads at once: with `low_cpu_mem_usage`, diffusers and peft build its
+# layers under accelerate's `init_empty_weights`, which patches `torch.nn.Module` for the whole process (two devices
+# loading together were seen to get wrong weights, and to leave the patch behind). So one load at a time, unpatched.
+LOADING = threading.Lock()
+
+
+def adapter_name(sha256: str) -> str:
+    return f"sha256_{sha256[:16]}"
+
+
+def lora_modules(pipe) -> dict[str, tuple[int, int]]:
+    """Every linear layer an adapter may adapt, as diffusers names them: `{"transformer.<path>": (in, out)}`."""
+    import torch
+
+    modules = {}
+    for component in ("transformer", "text_encoder", "text_encoder_2"):
+        module = getattr(pipe, component, None)
+        if module is None:
+            continue
+        for name, layer in module.named_modules():
+            if isinstance(layer, torch.nn.Linear):
+                modules[f"{component}.{name}"] = (layer.in_features, layer.out_features)
+    return modules
+
+
+class DeviceLoras:
+    """The adapters loaded into one device's pipeline (and so into its image pipelines, which share its modules).
+
+    Args:
+        pipe: the device's text-to-image pipeline.
+        device: the device's name in log lines.
+        max_loaded: adapters kept loaded; the least recently used beyond are unloaded.
+    """
+
+    def __init__(self, pipe, device: str, max_loaded: int = 8):
+        self.pipe = pipe
+        self.device = device
+        self.max_loaded = max_loaded
+        self.loaded: OrderedDict[str, str] = OrderedDict()  # adapter name -> the name a request gave it
+        self._enabled = False
+
+    def apply(self, adapters: list[ResolvedLora], request_id: str = "") -> None:
+        """Make exactly `adapters` active at their scales; none (or scale 0 only): LoRA disabled. Call on the device's
+        worker thread, before its generation."""
+        active = [adapter for adapter in adapters if adapter.scale != 0]
+        if not active:
+            if self._enabled:
+                self.pipe.disable_lora()
+                self._enabled = False
+            return
+        names = []
+        for adapter in active:
+            name = adapter_name(adapter.sha256)
+            if name not in self.loaded:
+                self._load(adapter, name, request_id)
+            self.loaded.move_to_end(name)
+            names.append(name)
+        self._unload_beyond_limit(keep=set(names))
+        self.pipe.enable_lora()
+        self.pipe.set_adapters(names, adapter_weights=[adapter.scale for adapter in active])
+        self._enabled = True
+
+    def describe(self) -> list[str]:
+        """The adapters loaded, most recently used last (as their requests named them)."""
+        return list(self.loaded.values())
+
+    def _load(self, adapter: ResolvedLora, name: str, request_id: str) -> None:
+        try:
+            with LOADING:
+                self.pipe.load_lora_weights(adapter.path, adapter_name=name, low_cpu_mem_usage=False)
+        except BaseException:
+            self._forget(name)  # nothing half-loaded stays behind for the next request
+            raise
+        self.loaded[name] = adapter.name
+        log.info("[%s] Loaded LoRA %s (sha256 %s) on %s", request_id, adapter.name, adapter.sha256[:16], self.device)
+
+    def _unload_beyond_limit(self, keep: set[str]) -> None:
+        surplus = max(0, len(self.loaded) - self.max_loaded)
+        for name in [name for name in self.loaded if name not in keep][:surplus]:  # least recently used first
+            self._forget(name)
+            log.info("Unloaded LoRA %s from %s (least recently used beyond LORA_MAX_LOADED=%d)",
+                     self.loaded.pop(name), self.device, self.max_loaded)
+
+    def _forget(self, name: str) -> None:
+        try:
+            with LOADING:
+                self.pipe.delete_adapters(name)
+        except (ValueError, KeyError):
+            pass  # it never got as far as being registered
