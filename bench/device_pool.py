@@ -26,19 +26,19 @@ import argparse
 import os
 import statistics
 import sys
+import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-import tempfile
 
 import httpx
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from machine import describe_machine, save_report  # noqa: E402
-from serving import SERVICE_DIR, running_server  # noqa: E402
+from serving import SERVICE_DIR, TORCH_THREADS, running_server  # noqa: E402
 
 SIZE = 1024
 THROUGHPUT_TARGET = 0.95  # of N / (seconds per image)
@@ -65,8 +65,8 @@ def measure_pool(devices: int, seconds: float, per_device: int, workdir: Path) -
            "MAX_QUEUE": str(devices), "SPOOL_DIR": str(workdir / "spool")}
     total = devices * per_device
     clients = 2 * devices
-    with running_server(f"standin-{devices}x{seconds}", workdir, "standin:SD3Medium", HERE / "standin_service",
-                        "/health", env) as server:
+    with running_server(workdir, env, target="standin:SD3Standin", cwd=HERE / "standin_service",
+                        threads=TORCH_THREADS, timeout=300) as server:
         sent = 0
         lock = threading.Lock()
         answers: list[tuple[float, dict | None, int]] = []
@@ -121,8 +121,8 @@ def gil_share(seconds: float) -> dict:
     import torch
 
     sys.path.insert(0, str(SERVICE_DIR))
-    from sd3_service.generation import generate_images
-    from sd3_service.tiny_model import build_tiny_pipeline
+    from sd3_service.pipelines.generation import generate_images
+    from sd3_service.pipelines.tiny import build_tiny_pipeline
 
     torch.set_num_threads(1)
     pipe = build_tiny_pipeline()
@@ -177,10 +177,10 @@ def gil_share(seconds: float) -> dict:
 
 def module_calls_per_step() -> dict:
     """Module calls in one transformer forward: the tiny model's and the full-size SD3 Medium's (meta device)."""
+    import gpu_sd3
     import torch
 
-    import gpu_sd3
-    from sd3_service.tiny_model import build_tiny_pipeline
+    from sd3_service.pipelines.tiny import build_tiny_pipeline
 
     def calls(transformer, size: int, dim: int, text: int, pooled: int, device) -> int:
         count = 0

@@ -7,7 +7,7 @@
 
 Builds SD3 Medium's architecture from its public configs (transformer 24 layers x 1536, CLIP-L,
 CLIP-G, T5-XXL encoder, the 16-channel VAE) with random weights, directly on the device; the
-tokenizers are built locally as in `sd3_service.tiny_model`. Nothing is downloaded. For each variant
+tokenizers are built locally as in `sd3_service.pipelines.tiny`. Nothing is downloaded. For each variant
 (dtype, fused QKV projections, torch.compile, channels-last VAE, T5 dropped, model CPU offload, fp8
 linear layers) it measures seconds per 1024x1024 image at 28 steps with CFG 7, peak GPU memory, and
 compares the decoded image with eager fp32's on the same seed (PSNR, largest pixel difference). It
@@ -108,7 +108,7 @@ def build_models(configs: dict) -> dict:
     from diffusers import AutoencoderKL, SD3Transformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
-    from sd3_service.tiny_model import _clip_tokenizer, _t5_tokenizer
+    from sd3_service.pipelines.tiny import _clip_tokenizer
 
     _, clip_vocab = _clip_tokenizer()
     # The local tokenizers' special-token ids, so CLIP pools at their end-of-text token.
@@ -127,7 +127,7 @@ def build_pipeline(configs: dict, device: str):
     """The whole pipeline in float32 on `device`, random weights from a fixed seed (same weights every build)."""
     from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
 
-    from sd3_service.tiny_model import _clip_tokenizer, _t5_tokenizer
+    from sd3_service.pipelines.tiny import _clip_tokenizer, _t5_tokenizer
 
     torch.manual_seed(WEIGHT_SEED)
     with torch.device(device):  # parameters are created and initialised on the device: seconds, not minutes
@@ -264,11 +264,11 @@ def prepare(pipe, variant: Variant, device: str):
     """Apply a variant to a freshly built float32 pipeline, through the service's own placement code.
 
     The service's dtype cast (what loading keeps in float32 stays there), T5 dropping, offload, QKV fusion
-    and VAE slicing come from sd3_service.model_loading; float8, the VAE's memory layout and the compile
+    and VAE slicing come from sd3_service.pipelines.loading; float8, the VAE's memory layout and the compile
     modes are this benchmark's own.
     """
-    from sd3_service.dtypes import cast_as_loading_would
-    from sd3_service.model_loading import LoadedWeights, ModelSource, drop_t5, place_pipeline
+    from sd3_service.pipelines.dtypes import cast_as_loading_would
+    from sd3_service.pipelines.loading import LoadedWeights, ModelSource, drop_t5, place_pipeline
     from sd3_service.settings import Settings
 
     if variant.drop_t5:

@@ -70,11 +70,11 @@ CANDIDATES = {
 
 
 def tiny_model_image(size: int) -> Image.Image:
-    from sd3_service.contract import PredictRequest
-    from sd3_service.generation import generate_images, generation_arguments
-    from sd3_service.tiny_model import build_tiny_pipeline
+    from sd3_service.pipelines.generation import generate_images, generation_arguments
+    from sd3_service.pipelines.tiny import build_tiny_pipeline
+    from sd3_service.spec import ImageRequest
 
-    request = PredictRequest(prompt="a lighthouse at dusk", width=size, height=size, num_inference_steps=4, seed=7)
+    request = ImageRequest(prompt="a lighthouse at dusk", width=size, height=size, num_inference_steps=4, seed=7)
     return generate_images(build_tiny_pipeline(), seed=7, **generation_arguments(request))[0]
 
 

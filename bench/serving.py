@@ -17,6 +17,8 @@ the real server (`bentoml serve`, a subprocess on loopback):
     fake counts them: records against images), and the time of the two record calls a request waits
     on (the conditional create that claims it and the conditional replace that records its answer),
     made through the same SDK client on the same loopback endpoint, against the request's own latency.
+(d) the OpenAI route: the same 1024x1024 generation (1 step) through `/predict` and through the `openai` SDK
+    on `/v1/images/generations` (the image in base64 JSON), in interleaved pairs; what the OpenAI route adds.
 (b) throughput and p50/p95 latency at 1, 2, 4 and 8 closed-loop clients, for the service and for a
     naive baseline (`bench/naive_service`: generate, encode with Pillow's defaults and store, serially
     inside the request), both running at once and measured in interleaved rounds together with the
@@ -31,10 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -50,11 +49,11 @@ import httpx
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 SERVICE_DIR = REPO / "sd3-medium"
-sys.path.insert(0, str(SERVICE_DIR))
-sys.path.insert(0, str(REPO / "tests"))
+sys.path[:0] = [str(SERVICE_DIR), str(REPO)]
 from machine import describe_machine, machine_line  # noqa: E402
 
-BENTOML = Path(sys.executable).with_name("bentoml")
+from testbed.server import Server, running_server  # noqa: E402
+
 PROMPT = "a lighthouse on a cliff at dusk, oil painting"
 MD_PREDICT_TIMEOUT_S = 60  # OCI Model Deployment answers 500 to a predict call that takes longer
 TARGET_TAX_MS = {"local": 30, "object_storage": 60}
@@ -74,6 +73,7 @@ class Plan:
     load_rounds: int  # each concurrency level is measured this many times, interleaved with the others
     reference_samples: int  # in-process generations per round
     ledger_requests: int = 20  # sequential requests for (c)
+    openai_pairs: int = 15  # for (d)
 
 
 PLANS = {
@@ -82,72 +82,17 @@ PLANS = {
     "quick": Plan(size=1024, steps=28, samples=3, throughput_size=1024, throughput_steps=4,
                   concurrency=[1, 2, 4, 8], requests_per_client=2, load_rounds=1, reference_samples=3),
     "smoke": Plan(size=256, steps=2, samples=2, throughput_size=256, throughput_steps=2,
-                  concurrency=[1, 2], requests_per_client=2, load_rounds=1, reference_samples=2, ledger_requests=3),
+                  concurrency=[1, 2], requests_per_client=2, load_rounds=1, reference_samples=2, ledger_requests=3,
+                  openai_pairs=2),
 }
 
 
 # -- servers ----------------------------------------------------------------------------------------
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@dataclass
-class Server:
-    name: str
-    url: str
-    process: subprocess.Popen
-    log_path: Path
-
-    def log_tail(self, lines: int = 40) -> str:
-        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-
-
-@contextmanager
-def running_server(name: str, workdir: Path, target: str, cwd: Path, ready_path: str,
-                   env: dict[str, str], timeout: float = 300):
-    """`bentoml serve` on a free loopback port, ready (ready_path answers 200) before the block runs."""
-    port = free_port()
-    workdir.mkdir(parents=True, exist_ok=True)
-    log_path = workdir / "server.log"
-    full_env = {**os.environ, "SD3_MODEL": "tiny", "IMAGE_DIR": str(workdir / "images"), "HF_HUB_OFFLINE": "1",
-                "BENTOML_HOME": str(workdir / "bentoml"), "BENTOML_DO_NOT_TRACK": "true",
-                "OMP_NUM_THREADS": str(TORCH_THREADS), **env}
-    with log_path.open("wb") as log:
-        process = subprocess.Popen([str(BENTOML), "serve", target, "--host", "127.0.0.1", "--port", str(port)],
-                                   cwd=cwd, env=full_env, stdout=log, stderr=subprocess.STDOUT,
-                                   start_new_session=True)
-    server = Server(name, f"http://127.0.0.1:{port}", process, log_path)
-    try:
-        deadline = time.monotonic() + timeout
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"{name} exited with {process.returncode}:\n{server.log_tail()}")
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{name} not ready after {timeout} s:\n{server.log_tail()}")
-            try:
-                if httpx.get(server.url + ready_path, timeout=5).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.5)
-        yield server
-    finally:
-        try:
-            os.killpg(process.pid, signal.SIGTERM)  # bentoml serve runs its worker in its own session group
-            process.wait(timeout=30)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            if process.poll() is None:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
-
-
 def object_storage_available() -> bool:
     try:
-        import fakes.object_storage  # noqa: F401
-        import sd3_service.object_storage  # noqa: F401
+        import sd3_service.storage.object_storage  # noqa: F401
+        import testbed.fakes.object_storage  # noqa: F401
     except ImportError:
         return False
     return True
@@ -162,8 +107,8 @@ def store_environment(store: str, workdir: Path):
     if store == "local":
         yield {}
         return
-    from fakes.object_storage import FakeObjectStorage
-    from fakes.oci_common import resource_principal
+    from testbed.fakes.object_storage import FakeObjectStorage
+    from testbed.fakes.oci_common import resource_principal
 
     credentials = resource_principal(workdir / "oci")  # what Model Deployment gives the container
     with FakeObjectStorage(namespace="benchns", buckets=("images",)) as fake:
@@ -177,13 +122,13 @@ def our_service(workdir: Path, env: dict[str, str] | None = None, hide_fpng: boo
     extra = dict(env or {})
     if hide_fpng:
         extra["PYTHONPATH"] = os.pathsep.join(filter(None, [str(HERE / "without_fpng"), os.environ.get("PYTHONPATH")]))
-    return running_server("service", workdir, ".", SERVICE_DIR, "/health", extra)
+    return running_server(workdir, extra, threads=TORCH_THREADS, timeout=300)
 
 
 def naive_service(workdir: Path):
     path = os.pathsep.join(filter(None, [str(SERVICE_DIR), os.environ.get("PYTHONPATH")]))
-    return running_server("naive", workdir, "service:NaiveSD3", HERE / "naive_service", "/readyz",
-                          {"PYTHONPATH": path})
+    return running_server(workdir, {"PYTHONPATH": path}, target="service:NaiveSD3", cwd=HERE / "naive_service",
+                          ready_path="/readyz", threads=TORCH_THREADS, timeout=300)
 
 
 # -- requests -------------------------------------------------------------------------------------
@@ -246,17 +191,17 @@ class InProcess:
     def __init__(self):
         import torch
 
-        from sd3_service.tiny_model import build_tiny_pipeline
+        from sd3_service.pipelines.tiny import build_tiny_pipeline
 
         torch.set_num_threads(TORCH_THREADS)
         self.pipe = build_tiny_pipeline()
         self.thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="in-process-gpu")
 
     def generate(self, payload: dict):
-        from sd3_service.contract import PredictRequest
-        from sd3_service.generation import generate_images, generation_arguments
+        from sd3_service.pipelines.generation import generate_images, generation_arguments
+        from sd3_service.spec import ImageRequest
 
-        request = PredictRequest(**{k: v for k, v in payload.items() if k != "request_id"})
+        request = ImageRequest(**{k: v for k, v in payload.items() if k != "request_id"})
 
         def timed():
             began = time.perf_counter()
@@ -268,14 +213,14 @@ class InProcess:
 
 def encoded_sha256(image, pillow: bool) -> str:
     """The sha256 the server reports for this image, encoding as the server does (fpng, or Pillow without it)."""
-    from sd3_service import generation
+    from sd3_service.storage import encoding
 
-    fpng = generation.fpng
-    generation.fpng = None if pillow else fpng
+    fpng = encoding.fpng
+    encoding.fpng = None if pillow else fpng
     try:
-        return generation.encode_image(image, "png").sha256
+        return encoding.encode_image(image, "png").sha256
     finally:
-        generation.fpng = fpng
+        encoding.fpng = fpng
 
 
 def measure_tax(server: Server, reference: InProcess, plan: Plan, pillow: bool) -> dict:
@@ -401,7 +346,7 @@ def measure_throughput(servers: dict[str, Server], reference: InProcess, plan: P
 
 def measure_ledger(server: Server, fake, env: dict[str, str], plan: Plan) -> dict:
     """(c): the store calls per request, and the time of the two record calls on its path."""
-    from sd3_service.object_storage import ObjectStorageStore
+    from sd3_service.storage.object_storage import ObjectStorageStore
 
     before = len(fake.requests)
     latencies = []
@@ -447,6 +392,43 @@ def measure_ledger(server: Server, fake, env: dict[str, str], plan: Plan) -> dic
             "targets": {"extra_store_calls": 2, "ms": 20}}
 
 
+def measure_openai(server: Server, plan: Plan) -> dict:
+    """(d): what the OpenAI route adds over /predict for one 1024x1024 image, the image answered in base64 JSON.
+
+    Pairs of the same generation (1 step, so that the generation's own noise stays small) through both routes,
+    interleaved, the order alternating; the figure is the median of the per-pair differences."""
+    import openai
+
+    size, pairs = 1024, plan.openai_pairs
+    native, compatible = [], []
+    with httpx.Client(base_url=server.url, timeout=600) as client, \
+            openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=600) as sdk:
+        def through_predict(seed: int) -> float:
+            answer = predict(client, {**body(size, 1, seed), "request_id": uuid.uuid4().hex})
+            assert answer.status == 200, answer.json
+            return answer.seconds
+
+        def through_openai(seed: int) -> float:
+            began = time.perf_counter()
+            result = sdk.images.generate(prompt=PROMPT, size=f"{size}x{size}",
+                                         extra_body={"num_inference_steps": 1, "seed": seed})
+            assert result.data[0].b64_json
+            return time.perf_counter() - began
+
+        through_predict(0), through_openai(0)  # warm at this size
+        for pair in range(pairs):
+            seed = 20_000 + pair
+            first, second = (through_predict, through_openai) if pair % 2 == 0 else (through_openai, through_predict)
+            a, b = first(seed), second(seed)
+            (native if first is through_predict else compatible).append(a)
+            (compatible if first is through_predict else native).append(b)
+    differences = [o - n for o, n in zip(compatible, native)]
+    return {"pairs": pairs, "size": f"{size}x{size}, 1 step", "predict_ms": [ms(s) for s in native],
+            "openai_ms": [ms(s) for s in compatible], "median_predict_ms": ms(median(native)),
+            "median_openai_ms": ms(median(compatible)), "median_added_ms": ms(median(differences)),
+            "target_ms": 15}
+
+
 def print_report(report: dict) -> None:
     plan = report["plan"]
     print(f"\n(a) serving tax, {plan['size']}x{plan['size']}, {plan['steps']} steps, CFG 7, "
@@ -469,6 +451,12 @@ def print_report(report: dict) -> None:
         print(f"  the two record calls: median {ledger['median_record_calls_ms']:.1f} ms, p95 "
               f"{ledger['p95_record_calls_ms']:.1f} ms (target <= {ledger['targets']['ms']}); "
               f"{ledger['record_calls_share_of_request']:.1%} of the median request ({ledger['median_request_ms']:.0f} ms)")
+    openai_row = report.get("openai")
+    if openai_row:
+        print(f"\n(d) the OpenAI route over /predict, {openai_row['size']}, base64 in JSON, {openai_row['pairs']} "
+              f"interleaved pairs: /predict {openai_row['median_predict_ms']:.0f} ms, OpenAI "
+              f"{openai_row['median_openai_ms']:.0f} ms, added {openai_row['median_added_ms']:.1f} ms per image "
+              f"(target <= {openai_row['target_ms']})")
     print(f"\n(b) throughput, {plan['throughput_size']}x{plan['throughput_size']}, {plan['throughput_steps']} steps, "
           f"CFG 7, {plan['load_rounds']} interleaved round(s) of {plan['requests_per_client']} requests per client; "
           f"in-process generation {report['throughput_reference']['median_in_process_ms']:.0f} ms (1/gen = "
@@ -564,7 +552,7 @@ def main(argv=None) -> dict:
     if object_storage_available():
         configurations.append(("service, Object Storage (loopback), fpng", "object_storage", False))
     else:
-        report["object_storage_skipped"] = "sd3_service/object_storage.py or tests/fakes/object_storage.py missing"
+        report["object_storage_skipped"] = "sd3_service/storage/object_storage.py or testbed/fakes/object_storage.py missing"
         print("Object Storage configuration skipped: its store or fake is not there yet")
 
     with tempfile.TemporaryDirectory(prefix="sd3-bench-") as tmp:
@@ -578,6 +566,9 @@ def main(argv=None) -> dict:
                 if store == "object_storage":
                     print("(c) the request ledger ...", flush=True)
                     report["ledger"] = measure_ledger(server, STORES[store], env, plan)
+                if index == 0:  # the service as shipped (local store, fpng): the OpenAI route's cost too
+                    print("(d) the OpenAI route against /predict ...", flush=True)
+                    report["openai"] = measure_openai(server, plan)
                 if index == 0:  # the service as shipped (local store, fpng): also under load, beside the naive one
                     print("(b) service, naive baseline and in-process reference under load, interleaved ...",
                           flush=True)

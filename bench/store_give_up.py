@@ -3,7 +3,7 @@
     python bench/store_give_up.py [--budget 4]
 
 The real store (the `oci` SDK, resource-principal signing) puts one image into the loopback Object
-Storage fake of the tests while it answers 503, drops every connection, or answers too slowly, and
+Storage fake (testbed/fakes) while it answers 503, drops every connection, or answers too slowly, and
 prints how long each `put` took to raise, and its attempts. The SDK's default retry strategy would keep
 going for minutes; the store's own strategy is bounded by `timeout_seconds` (STORE_TIMEOUT_SECONDS).
 """
@@ -18,14 +18,14 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-sys.path[:0] = [str(HERE), str(HERE.parent / "sd3-medium"), str(HERE.parent / "tests")]
+sys.path[:0] = [str(HERE), str(HERE.parent / "sd3-medium"), str(HERE.parent)]
 from machine import describe_machine, machine_line  # noqa: E402
 
-from fakes import oci_common  # noqa: E402
-from fakes.object_storage import FakeObjectStorage  # noqa: E402
-from fakes.oci_common import Fault  # noqa: E402
-from sd3_service.object_storage import ObjectStorageStore  # noqa: E402
-from sd3_service.store import ImageObject, StoreError  # noqa: E402
+from sd3_service.storage.object_storage import ObjectStorageStore  # noqa: E402
+from sd3_service.storage.store import ImageObject, StoreError  # noqa: E402
+from testbed.fakes import oci_common  # noqa: E402
+from testbed.fakes.object_storage import FakeObjectStorage  # noqa: E402
+from testbed.fakes.oci_common import Fault  # noqa: E402
 
 
 def main(argv=None) -> None:

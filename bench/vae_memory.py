@@ -38,10 +38,9 @@ def rss_mb() -> float:
 def child(way: str, images: int, size: int, limit_gb: float) -> None:
     limit = int(limit_gb * 1024**3)
     resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    import gpu_sd3
     import torch
     from diffusers import AutoencoderKL
-
-    import gpu_sd3
 
     torch.manual_seed(0)
     vae = AutoencoderKL(**gpu_sd3.sd3_medium_configs()["vae"]).eval()

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from fakes import oci_common
-from fakes.object_storage import FakeObjectStorage
-from sd3_service.object_storage import ObjectStorageStore
+from sd3_service.storage.object_storage import ObjectStorageStore
+from testbed.fakes import oci_common
+from testbed.fakes.object_storage import FakeObjectStorage
 
 
 @pytest.fixture

@@ -157,7 +157,7 @@ def test_curl_health_check_port_and_start_command():
 def test_writable_folders_are_outside_the_artifact_and_made_for_the_user():
     env = image_env()
     folders = {k: env[k] for k in ("HF_HOME", "TORCH_HOME", "TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR",
-                                   "XDG_CACHE_HOME", "BENTOML_HOME", "IMAGE_DIR", "SPOOL_DIR")}
+                                   "XDG_CACHE_HOME", "BENTOML_HOME", "IMAGE_DIR", "SPOOL_DIR", "LORA_CACHE_DIR")}
     (setup,) = [c.value[0] for c in instructions("RUN") if "mkdir -p" in c.value[0]]
     for name, folder in folders.items():
         assert folder.startswith(STATE_DIR + "/"), (name, folder)
@@ -168,7 +168,7 @@ def test_writable_folders_are_outside_the_artifact_and_made_for_the_user():
 def test_image_env_names_settings_the_service_reads():
     from sd3_service.settings import Settings
 
-    for name in ("SD3_MODEL", "SD3_T5", "IMAGE_DIR", "SPOOL_DIR"):
+    for name in ("SD3_MODEL", "SD3_T5", "IMAGE_DIR", "SPOOL_DIR", "LORA_CACHE_DIR"):
         assert name.lower() in Settings.model_fields, name
 
 
@@ -271,7 +271,7 @@ def test_bentoml_build_makes_a_bento_without_weights(tmp_path):
     bento = tmp_path / "bentoml" / "bentos" / name / version
     sources = {p.relative_to(bento / "src").as_posix() for p in (bento / "src").rglob("*") if p.is_file()}
     expected = {p.relative_to(SERVICE_DIR).as_posix() for p in [SERVICE_DIR / "service.py",
-                SERVICE_DIR / "bentofile.yaml", *SERVICE_DIR.glob("sd3_service/*.py")]}
+                SERVICE_DIR / "bentofile.yaml", *SERVICE_DIR.glob("sd3_service/**/*.py")]}
     assert sources == expected
     requirements = (bento / "env" / "python" / "requirements.txt").read_text()
     assert pyproject_pins()[0].items() <= pins(requirements).items()
@@ -294,7 +294,7 @@ def test_baked_weights_load_offline_without_a_download_warning(tmp_path):
     (repo / "refs" / "main").write_text(commit)
     env = {**os.environ, "HF_HOME": str(tmp_path / "huggingface"), "HF_HUB_OFFLINE": "1",
            "PATH": f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}"}
-    save = f"from sd3_service.tiny_model import build_tiny_pipeline; " \
+    save = f"from sd3_service.pipelines.tiny import build_tiny_pipeline; " \
            f"build_tiny_pipeline().save_pretrained({str(repo / 'snapshots' / commit)!r})"
     subprocess.run([sys.executable, "-c", save], cwd=SERVICE_DIR, env=env, check=True, timeout=300)
     for folder in ("text_encoder_3", "tokenizer_3"):  # what SD3_BAKE_T5=false leaves out of the download
@@ -310,7 +310,7 @@ def test_baked_weights_load_offline_without_a_download_warning(tmp_path):
     assert (baked["SD3_MODEL"], baked["HF_HUB_OFFLINE"], baked["SD3_T5"]) == (repo_id, "1", "false")
     unbaked = image_env()
     assert (unbaked["SD3_MODEL"], unbaked["HF_HUB_OFFLINE"]) == ("auto", "")
-    load = "from sd3_service.model_loading import load_pipeline; from sd3_service.settings import Settings; " \
+    load = "from sd3_service.pipelines.loading import load_pipeline; from sd3_service.settings import Settings; " \
            "loaded = load_pipeline(Settings()); " \
            "print(loaded.source.kind, type(loaded.pipe).__name__, loaded.pipe.text_encoder_3 is None)"
     run = subprocess.run([sys.executable, "-c", load], cwd=SERVICE_DIR, capture_output=True, text=True,
@@ -347,7 +347,8 @@ def host_like_image(tmp_path):
     """The image's environment on this machine: its ENV with /var/lib/sd3 and $HOME moved under tmp_path,
     and a copy of the service folder standing for the artifact mounted at WORKDIR."""
     artifact = tmp_path / "deployed_model"
-    shutil.copytree(SERVICE_DIR, artifact, ignore=shutil.ignore_patterns("__pycache__", "outputs", "model"))
+    shutil.copytree(SERVICE_DIR, artifact, ignore=lambda folder, names: [  # weights in sd3-medium/model/ stay out
+        name for name in names if name in ("__pycache__", "outputs") or (folder, name) == (str(SERVICE_DIR), "model")])
     state = tmp_path / "state"
     env = {k: v.replace(STATE_DIR, str(state)) for k, v in image_env().items()}
     env["HOME"] = str(tmp_path / "home")

@@ -3,7 +3,7 @@
 import pytest
 from pydantic import ValidationError
 
-from sd3_service.contract import ImageParameters, PredictRequest
+from sd3_service.api.native.models import ImageParameters, PredictRequest
 
 SAMPLE = {"prompt": "A cat holding a sign that says hello World", "num_inference_steps": 10, "guidance_scale": 7.0}
 

@@ -1,4 +1,4 @@
-"""generation.encode_image's PNG path: fpng when installed, Pillow otherwise, the same pixels either way."""
+"""encoding.encode_image's PNG path: fpng when installed, Pillow otherwise, the same pixels either way."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sd3_service import generation
-from sd3_service.generation import encode_image
+from sd3_service.storage import encoding
+from sd3_service.storage.encoding import encode_image
 
 RNG = np.random.default_rng(5)
 IMAGES = {
@@ -32,7 +32,7 @@ def decoded(data: bytes) -> Image.Image:
 @pytest.mark.parametrize("encoder", ["installed", "pillow fallback"])
 def test_png_round_trips_exactly(name, encoder, monkeypatch):
     if encoder == "pillow fallback":
-        monkeypatch.setattr(generation, "fpng", None)
+        monkeypatch.setattr(encoding, "fpng", None)
     image = IMAGES[name]
     encoded = encode_image(image, "png")
     back = decoded(encoded.data)
@@ -44,9 +44,9 @@ def test_png_round_trips_exactly(name, encoder, monkeypatch):
 
 def test_fpng_is_the_encoder_when_installed():
     # fpng is a pinned runtime dependency (pyproject.toml): the fast path is what the service runs.
-    assert generation.fpng is not None
+    assert encoding.fpng is not None
     image = IMAGES["noise RGB 1024"]
-    assert encode_image(image, "png").data == generation.fpng.from_ndarray(np.asarray(image))
+    assert encode_image(image, "png").data == encoding.fpng.from_ndarray(np.asarray(image))
 
 
 def test_same_image_same_bytes():

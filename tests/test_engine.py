@@ -11,19 +11,18 @@ import threading
 
 import pytest
 
-from sd3_service.jobs import JobBook
-from sd3_service.contract import PredictRequest
-from sd3_service.device_pool import DevicePool, NotReady, QueueFull
-from sd3_service.contract import PendingResponse
-from sd3_service.engine import Engine, RequestProblem
-from sd3_service.ledger import Ledger, recorded_parameters
-from sd3_service.records import LocalRecords
-from sd3_service.image_writer import ImageWriter
-from sd3_service.model_loading import LoadedWeights, ModelSource, place_pipeline
+from sd3_service.compose import assemble
+from sd3_service.errors import ServiceError
+from sd3_service.jobs.ledger import Ledger, recorded_parameters
+from sd3_service.pipelines.devices import DevicePool
+from sd3_service.pipelines.loading import LoadedWeights, ModelSource, place_pipeline
+from sd3_service.pipelines.tiny import build_tiny_pipeline
 from sd3_service.settings import Settings
-from sd3_service.spool import Spool, SpoolingStore
-from sd3_service.store import LocalFolderStore, StoreError
-from sd3_service.tiny_model import build_tiny_pipeline
+from sd3_service.spec import ImageRequest, Pending
+from sd3_service.storage.records import LocalRecords
+from sd3_service.storage.spool import Spool, SpoolingStore
+from sd3_service.storage.store import LocalFolderStore, StoreError
+from sd3_service.storage.writer import ImageWriter
 
 SMALL = dict(width=256, height=256, num_inference_steps=2)
 
@@ -68,7 +67,7 @@ class GatedStore(LocalFolderStore):
 
 
 def make_engine(tiny, store, tmp_path, devices=("cpu",), max_queue=4, calls=None, gate=None,
-                store_params=False, ledger=None, max_jobs=64) -> Engine:
+                store_params=False, ledger=None, max_jobs=64):
     """An engine on the real pool and writer, with the production placement of the tiny pipeline on each device."""
     source = ModelSource("tiny", "tiny", "test")
     settings = Settings(sd3_model="tiny")
@@ -80,10 +79,10 @@ def make_engine(tiny, store, tmp_path, devices=("cpu",), max_queue=4, calls=None
     pool = DevicePool(lambda: list(devices), lambda names: LoadedWeights(pipe=tiny, source=source, dtype="float32"),
                       place, max_queue=max_queue)
     writer = ImageWriter(SpoolingStore(store, Spool(tmp_path / "spool")), store_params=store_params)
-    return Engine(pool, writer, JobBook(), ledger=ledger, max_jobs=max_jobs)
+    return assemble(pool, writer, ledger=ledger, max_jobs=max_jobs)
 
 
-def ready(engine: Engine) -> Engine:
+def ready(engine):
     engine.pool.start().join(60)
     for worker in engine.pool._workers:  # each device warms up on its own thread
         while engine.pool.status() == "loading" and worker.is_alive():
@@ -97,14 +96,14 @@ def test_the_next_generation_runs_while_the_previous_images_are_still_being_stor
     engine = ready(make_engine(tiny, store, tmp_path))
 
     async def scenario():
-        first = asyncio.ensure_future(engine.run(PredictRequest(prompt="a", request_id="slow-store", **SMALL)))
-        second = await asyncio.wait_for(engine.run(PredictRequest(prompt="b", request_id="next", **SMALL)), 60)
+        first = asyncio.ensure_future(engine.run(ImageRequest(prompt="a", request_id="slow-store", **SMALL)))
+        second = await asyncio.wait_for(engine.run(ImageRequest(prompt="b", request_id="next", **SMALL)), 60)
         assert not first.done()  # the first request is still storing, yet the second has generated and stored
         store.gate.set()
         return await first, second
 
     first, second = asyncio.run(scenario())
-    assert first.response.images[0].stored and second.response.images[0].stored
+    assert first.answer.images[0].stored and second.answer.images[0].stored
     engine.shutdown()
 
 
@@ -115,11 +114,11 @@ def test_every_device_generates_at_once_from_the_one_queue(tiny, tmp_path):
                                gate=both_inside))
 
     async def scenario():
-        return await asyncio.gather(*(engine.run(PredictRequest(prompt=p, **SMALL)) for p in "ab"))
+        return await asyncio.gather(*(engine.run(ImageRequest(prompt=p, **SMALL)) for p in "ab"))
 
     answers = asyncio.run(scenario())
     assert sorted(calls) == ["a", "b"] and not both_inside.broken
-    assert all(answer.response.images[0].stored for answer in answers)
+    assert all(answer.answer.images[0].stored for answer in answers)
     assert [d["state"] for d in engine.health().details["devices"]] == ["ready", "ready"]
     engine.shutdown()
 
@@ -132,7 +131,7 @@ def test_a_device_that_fails_to_load_leaves_the_others_serving(tiny, tmp_path):
     cpu, gpu = health.details["devices"]
     assert cpu == {"device": "cpu", "state": "ready"}
     assert gpu["device"] == "cuda:7" and gpu["state"] == "failed" and gpu["error"]
-    assert asyncio.run(engine.run(PredictRequest(prompt="a", **SMALL))).response.images[0].stored
+    assert asyncio.run(engine.run(ImageRequest(prompt="a", **SMALL))).answer.images[0].stored
     engine.shutdown()
 
 
@@ -141,12 +140,12 @@ def test_a_repeated_request_id_is_generated_once(tiny, tmp_path):
     engine = ready(make_engine(tiny, LocalFolderStore(tmp_path), tmp_path, devices=("cpu", "cpu"), calls=calls))
 
     async def scenario():
-        request = PredictRequest(prompt="a", request_id="same", **SMALL)
+        request = ImageRequest(prompt="a", request_id="same", **SMALL)
         return await asyncio.gather(engine.run(request), engine.run(request), engine.run(request))
 
     answers = asyncio.run(scenario())
     assert calls == ["a"]
-    assert answers[0].response == answers[1].response == answers[2].response
+    assert answers[0].answer == answers[1].answer == answers[2].answer
     engine.shutdown()
 
 
@@ -156,16 +155,16 @@ def test_beyond_the_queue_bound_requests_get_queue_full_with_a_retry_estimate(ti
     capacity = len(devices) + 1  # one running on each device, one waiting
 
     async def scenario():
-        running = [asyncio.ensure_future(engine.run(PredictRequest(prompt=str(i), **SMALL)))
+        running = [asyncio.ensure_future(engine.run(ImageRequest(prompt=str(i), **SMALL)))
                    for i in range(capacity)]
         await asyncio.sleep(0)  # all admitted
-        with pytest.raises(QueueFull) as refused:
-            await engine.run(PredictRequest(prompt="one too many", **SMALL))
+        with pytest.raises(ServiceError, match="queue is full") as refused:
+            await engine.run(ImageRequest(prompt="one too many", **SMALL))
         assert refused.value.retry_after >= 1
         await asyncio.gather(*running)
-        return await engine.run(PredictRequest(prompt="after", **SMALL))  # room again
+        return await engine.run(ImageRequest(prompt="after", **SMALL))  # room again
 
-    assert asyncio.run(scenario()).response.images
+    assert asyncio.run(scenario()).answer.images
     assert engine.pool._admitted == 0
     engine.shutdown()
 
@@ -174,7 +173,7 @@ def test_a_failed_store_answers_the_image_inline_and_keeps_it_for_later(tiny, tm
     store = GatedStore(tmp_path / "images", gated_request="never-gated")
     store.fail = True
     engine = ready(make_engine(tiny, store, tmp_path))
-    answer = asyncio.run(engine.run(PredictRequest(prompt="a", **SMALL))).response
+    answer = asyncio.run(engine.run(ImageRequest(prompt="a", **SMALL))).answer
     [image] = answer.images
     assert image.stored is False and hashlib.sha256(base64.b64decode(image.data)).hexdigest() == image.sha256
     [kept] = engine.writer.store.spool.pending()
@@ -188,15 +187,15 @@ def test_a_repeated_request_id_answers_images_the_spool_stored_since_as_stored(t
     folder.fail = True
     calls = []
     engine = ready(make_engine(tiny, folder, tmp_path, calls=calls))
-    request = PredictRequest(prompt="a", request_id="outage-1", **SMALL)
-    [first] = asyncio.run(engine.run(request)).response.images
+    request = ImageRequest(prompt="a", request_id="outage-1", **SMALL)
+    [first] = asyncio.run(engine.run(request)).answer.images
     assert first.stored is False and first.data
-    assert asyncio.run(engine.run(request)).response.images == [first]  # still waiting in the spool
+    assert asyncio.run(engine.run(request)).answer.images == [first]  # still waiting in the spool
 
     folder.fail = False
     assert engine.writer.store.upload_pending()
 
-    [again] = asyncio.run(engine.run(request)).response.images
+    [again] = asyncio.run(engine.run(request)).answer.images
     assert again.stored is True and again.data is None
     assert (again.uri, again.object_name, again.sha256) == (first.uri, first.object_name, first.sha256)
     assert hashlib.sha256((tmp_path / "images" / again.object_name).read_bytes()).hexdigest() == first.sha256
@@ -210,7 +209,7 @@ def test_a_store_that_raises_something_unexpected_still_loses_no_image(tiny, tmp
             raise KeyError("token")  # not a StoreError: a bug, or an SDK error the store did not expect
 
     engine = ready(make_engine(tiny, BuggyStore(tmp_path / "images"), tmp_path, store_params=True))
-    [image] = asyncio.run(engine.run(PredictRequest(prompt="a", **SMALL))).response.images
+    [image] = asyncio.run(engine.run(ImageRequest(prompt="a", **SMALL))).answer.images
     assert image.stored is False and hashlib.sha256(base64.b64decode(image.data)).hexdigest() == image.sha256
     spool = engine.writer.store.spool
     assert sorted(spool.load(path).image.name for path in spool.pending()) == \
@@ -226,26 +225,25 @@ def test_requests_before_ready_and_after_a_failed_load_are_refused(tmp_path):
         raise OSError("no model_index.json in /models/x")
 
     pool = DevicePool(lambda: ["cpu"], slow_then_broken, place=None)
-    engine = Engine(pool, ImageWriter(SpoolingStore(LocalFolderStore(tmp_path), Spool(tmp_path / "spool"))),
-                    JobBook())
+    engine = assemble(pool, ImageWriter(SpoolingStore(LocalFolderStore(tmp_path), Spool(tmp_path / "spool"))))
     loader = pool.start()
     assert engine.health().status == "loading"
-    with pytest.raises(NotReady):
-        asyncio.run(engine.run(PredictRequest(prompt="a")))
+    with pytest.raises(ServiceError, match="still loading"):
+        asyncio.run(engine.run(ImageRequest(prompt="a")))
     gate.set()
     loader.join(30)
     health = engine.health()
     assert health.status == "failed" and "model_index.json" in health.details["error"]
     assert health.details["devices"] == [{"device": "cpu", "state": "failed",
                                           "error": "OSError: no model_index.json in /models/x"}]
-    with pytest.raises(NotReady, match="model_index.json"):
-        asyncio.run(engine.run(PredictRequest(prompt="a")))
+    with pytest.raises(ServiceError, match="model_index.json"):
+        asyncio.run(engine.run(ImageRequest(prompt="a")))
 
 
 def test_a_caller_that_goes_away_loses_nothing_and_its_retry_gets_the_first_answer(tiny, tmp_path):
     calls = []
     engine = ready(make_engine(tiny, LocalFolderStore(tmp_path), tmp_path, calls=calls))
-    request = PredictRequest(prompt="a", request_id="timed-out", **SMALL)
+    request = ImageRequest(prompt="a", request_id="timed-out", **SMALL)
 
     async def scenario():
         caller = asyncio.ensure_future(engine.run(request))
@@ -256,7 +254,7 @@ def test_a_caller_that_goes_away_loses_nothing_and_its_retry_gets_the_first_answ
             await caller
         return await asyncio.wait_for(engine.run(request), 60)  # waits for the same work, no new generation
 
-    answer = asyncio.run(scenario()).response
+    answer = asyncio.run(scenario()).answer
     [image] = answer.images
     assert image.stored and (tmp_path / image.object_name).is_file()
     assert engine.pool._admitted == 0
@@ -287,15 +285,14 @@ def test_a_device_that_fails_during_a_request_fails_that_request_and_the_others_
     source = ModelSource("tiny", "tiny", "test")
     pool = DevicePool(lambda: ["cpu", "cpu"], lambda names: LoadedWeights(pipe=tiny, source=source, dtype="float32"),
                       place)
-    engine = ready(Engine(pool, ImageWriter(SpoolingStore(LocalFolderStore(tmp_path), Spool(tmp_path / "spool"))),
-                          JobBook()))
+    engine = ready(assemble(pool, ImageWriter(SpoolingStore(LocalFolderStore(tmp_path), Spool(tmp_path / "spool")))))
 
     async def scenario():
         for _ in range(20):  # until one lands on the first device (the other device serves it fine)
             try:
-                await engine.run(PredictRequest(prompt="lose the gpu", **SMALL))
+                await engine.run(ImageRequest(prompt="lose the gpu", **SMALL))
             except RuntimeError as exc:
-                return exc, await engine.run(PredictRequest(prompt="after", **SMALL))
+                return exc, await engine.run(ImageRequest(prompt="after", **SMALL))
         raise AssertionError("no request reached the first device")
 
     failed, after = asyncio.run(scenario())
@@ -303,7 +300,7 @@ def test_a_device_that_fails_during_a_request_fails_that_request_and_the_others_
     first, second = engine.health().details["devices"]
     assert first["state"] == "failed" and "CUDA error" in first["error"]
     assert second == {"device": "cpu", "state": "ready"} and engine.health().status == "ready"
-    assert after.response.images[0].stored
+    assert after.answer.images[0].stored
     engine.shutdown()
 
 
@@ -318,31 +315,31 @@ def test_max_jobs_bounds_what_is_held_and_max_queue_what_a_waiting_caller_waits_
     engine = ready(make_engine(tiny, Held(tmp_path), tmp_path, max_queue=0, max_jobs=2))
 
     async def scenario():
-        first = await engine.run(PredictRequest(prompt="a", wait=False, **SMALL))
-        second = await engine.run(PredictRequest(prompt="b", wait=False, **SMALL))
-        assert isinstance(first, PendingResponse) and isinstance(second, PendingResponse)
-        with pytest.raises(QueueFull):  # a third held request: over MAX_JOBS
-            await engine.run(PredictRequest(prompt="c", wait=False, **SMALL))
+        first = await engine.run(ImageRequest(prompt="a", wait=False, **SMALL))
+        second = await engine.run(ImageRequest(prompt="b", wait=False, **SMALL))
+        assert isinstance(first, Pending) and isinstance(second, Pending)
+        with pytest.raises(ServiceError, match="queue is full"):  # a third held request: over MAX_JOBS
+            await engine.run(ImageRequest(prompt="c", wait=False, **SMALL))
         gate.set()
         for pending in (first, second):
-            while isinstance(await engine.poll(pending.request_id), PendingResponse):
+            while isinstance(await engine.poll(pending.request_id), Pending):
                 await asyncio.sleep(0.05)
-        return await engine.run(PredictRequest(prompt="d", **SMALL))
+        return await engine.run(ImageRequest(prompt="d", **SMALL))
 
     async def waiting_caller_refused():
         gate.clear()
-        held = await engine.run(PredictRequest(prompt="e", wait=False, **SMALL))
+        held = await engine.run(ImageRequest(prompt="e", wait=False, **SMALL))
         while engine.pool._admitted:  # generated, and now held by its store
             await asyncio.sleep(0.05)
-        blocker = await engine.run(PredictRequest(prompt="f", wait=False, **SMALL))
-        with pytest.raises(QueueFull):  # the device is taken and MAX_QUEUE=0: a waiting caller may wait behind none
-            await engine.run(PredictRequest(prompt="g", **SMALL))
+        blocker = await engine.run(ImageRequest(prompt="f", wait=False, **SMALL))
+        with pytest.raises(ServiceError, match="queue is full"):  # the device is taken and MAX_QUEUE=0: a waiting caller may wait behind none
+            await engine.run(ImageRequest(prompt="g", **SMALL))
         gate.set()
         for pending in (held, blocker):
-            while isinstance(await engine.poll(pending.request_id), PendingResponse):
+            while isinstance(await engine.poll(pending.request_id), Pending):
                 await asyncio.sleep(0.05)
 
-    assert asyncio.run(scenario()).response.images
+    assert asyncio.run(scenario()).answer.images
     asyncio.run(waiting_caller_refused())
     engine.shutdown()
 
@@ -365,17 +362,17 @@ def test_a_service_failure_is_recorded_for_polls_and_the_same_request_runs_again
     engine = ready(make_engine(tiny, LocalFolderStore(tmp_path), tmp_path, ledger=ledger))
     placed = engine.pool.devices[0].pipeline
     placed.pipe = FailsOnce(placed.pipe)  # after the warm-up
-    request = PredictRequest(prompt="a harbour", request_id="fails-once", **SMALL)
+    request = ImageRequest(prompt="a harbour", request_id="fails-once", **SMALL)
 
     async def scenario():
         with pytest.raises(RuntimeError):
             await engine.run(request)
-        with pytest.raises(RequestProblem) as polled:
+        with pytest.raises(ServiceError) as polled:
             await engine.poll("fails-once")
         assert (polled.value.status, polled.value.code) == (500, "internal_error")
         return await engine.run(request)  # a service failure: the same request runs again
 
-    assert asyncio.run(scenario()).response.request_id == "fails-once"
+    assert asyncio.run(scenario()).answer.request_id == "fails-once"
     record, _ = ledger.read("fails-once")
     assert record.state == "done" and record.error is None
     engine.shutdown()
@@ -398,14 +395,14 @@ class RecordsThatFailReadsAfter(LocalRecords):
 def test_a_store_that_fails_while_following_anothers_record_still_answers(tiny, tmp_path):
     folder = tmp_path / "records"
     other = Ledger(LocalRecords(folder), "sd3/", lease_seconds=30, owner="another instance")
-    request = PredictRequest(prompt="a harbour", request_id="followed", **SMALL)
+    request = ImageRequest(prompt="a harbour", request_id="followed", **SMALL)
     held = other.new_record("followed", seed=4242, parameters=recorded_parameters(request, False), day="2026/11/30")
     assert other.claim(held).mine  # alive elsewhere, its lease running
     # The claim's read succeeds (the record is someone else's); the next read, while following, fails.
     ledger = Ledger(RecordsThatFailReadsAfter(folder, fail_after=1), "sd3/", lease_seconds=30, owner="me")
     engine = ready(make_engine(tiny, LocalFolderStore(tmp_path / "images"), tmp_path, ledger=ledger))
 
-    answer = asyncio.run(engine.run(request)).response
+    answer = asyncio.run(engine.run(request)).answer
     assert answer.seed == 4242 and answer.images[0].object_name.startswith("sd3/2026/11/30/followed-")
     assert ledger.records.reads == 2
     engine.shutdown()

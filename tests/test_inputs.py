@@ -9,12 +9,13 @@ import pytest
 from PIL import Image
 
 from image_samples import b64, file_bytes, noise
-from sd3_service.contract import PredictRequest
-from sd3_service.inputs import InputError, InputReader
+from sd3_service.api.native.models import PredictRequest, to_image_request
+from sd3_service.errors import ServiceError
+from sd3_service.inputs import InputReader
 
 
 def prepare(**fields):
-    return InputReader().prepare(PredictRequest.model_validate({"prompt": "a lighthouse", **fields}))
+    return InputReader().prepare(to_image_request(PredictRequest.model_validate({"prompt": "a lighthouse", **fields})))
 
 
 def test_a_phone_jpeg_stored_sideways_is_read_upright():
@@ -53,6 +54,6 @@ def test_text_to_image_reads_nothing():
 
 
 def test_an_oci_input_without_an_allowed_bucket_is_refused_before_any_call():
-    with pytest.raises(InputError) as refused:
+    with pytest.raises(ServiceError) as refused:
         prepare(image="oci://images@ns/start.png")
     assert (refused.value.status, refused.value.field) == (400, "image")

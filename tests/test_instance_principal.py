@@ -3,7 +3,7 @@ instance metadata service (IMDS, `OCI_METADATA_BASE_URL`), federates it at a loo
 session token, and signs Object Storage (the service's store) and Data Science (the provisioner) calls with
 it. The fakes verify every signature: the federation request with the instance certificate's key, later
 calls with the session key the SDK sent. IMDS and the auth service exist only inside OCI, so loopback fakes
-(`fakes.instance_metadata`) stand in for them; the SDK and our code run unchanged.
+(`testbed.fakes.instance_metadata`) stand in for them; the SDK and our code run unchanged.
 """
 
 from __future__ import annotations
@@ -21,14 +21,15 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives import serialization
 
-from fakes.data_science import FakeDataScience
-from fakes.instance_metadata import FakeAuthService, FakeInstanceMetadata, InstanceIdentity, instance_identity, pem
-from fakes.object_storage import FakeObjectStorage
-from fakes.oci_common import COMPARTMENT_ID, TENANCY_ID, new_rsa_key
-from sd3_service.object_storage import ObjectStorageStore
 from sd3_service.settings import Settings
-from sd3_service.spool import Spool, SpoolingStore
-from sd3_service.store import ImageObject, StoreError
+from sd3_service.storage.object_storage import ObjectStorageStore
+from sd3_service.storage.spool import Spool, SpoolingStore
+from sd3_service.storage.store import ImageObject, StoreError
+from testbed.fakes.data_science import FakeDataScience
+from testbed.fakes.instance_metadata import (FakeAuthService, FakeInstanceMetadata, InstanceIdentity, instance_identity,
+                                             pem)
+from testbed.fakes.object_storage import FakeObjectStorage
+from testbed.fakes.oci_common import COMPARTMENT_ID, TENANCY_ID, new_rsa_key
 
 TOOL = Path(__file__).resolve().parent.parent / "model-deployment.py"
 NAME = "sd3/2026/11/25/0123abcd-0.png"

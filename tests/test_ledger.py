@@ -9,11 +9,10 @@ import time
 import oci
 import pytest
 
-from sd3_service.contract import PredictRequest
-from sd3_service.ledger import Ledger, differing_fields, digest, recorded_parameters, seed_for
-from sd3_service.records import LocalRecords, RecordChanged, RecordExists
-from sd3_service.store import ImageObject
-
+from sd3_service.api.native.models import PredictRequest, to_image_request
+from sd3_service.jobs.ledger import Ledger, differing_fields, digest, recorded_parameters, seed_for
+from sd3_service.storage.records import LocalRecords, RecordChanged, RecordExists
+from sd3_service.storage.store import ImageObject
 
 # -- the fake honours conditional requests as OCI does ---------------------------------------------------------
 
@@ -100,33 +99,38 @@ def test_local_records_replace_only_what_was_read(tmp_path):
     assert records.read_record("r.json") == (b"two", newer)
 
 
+def sent(**fields):
+    """A request as the engine gets it from `/predict`."""
+    return to_image_request(PredictRequest(**fields))
+
+
 # -- what a record keeps, and a reused id -------------------------------------------------------------------------
 
 
 def test_a_record_keeps_digests_of_the_prompt_and_inputs_unless_text_is_allowed():
-    request = PredictRequest(prompt="a secret plan", image="AAAA", mask_image="oci://in@ns/m.png")
+    request = sent(prompt="a secret plan", image="AAAA", mask_image="oci://in@ns/m.png")
     hidden = recorded_parameters(request, keep_text=False)
     assert hidden["prompt"] == digest("a secret plan") and hidden["image"] == digest("AAAA")
     assert hidden["mask_image"] == "oci://in@ns/m.png" and "wait" not in hidden and "request_id" not in hidden
     assert recorded_parameters(request, keep_text=True)["prompt"] == "a secret plan"
-    assert "strength" not in recorded_parameters(PredictRequest(prompt="x"), keep_text=False)
+    assert "strength" not in recorded_parameters(sent(prompt="x"), keep_text=False)
 
 
 def test_a_reused_id_is_told_by_every_field_that_differs():
-    first = recorded_parameters(PredictRequest(prompt="a fox", width=512), keep_text=False)
-    same = recorded_parameters(PredictRequest(prompt="a fox", width=512, wait=False), keep_text=False)
-    other = recorded_parameters(PredictRequest(prompt="a cat", width=768), keep_text=True)
+    first = recorded_parameters(sent(prompt="a fox", width=512), keep_text=False)
+    same = recorded_parameters(sent(prompt="a fox", width=512, wait=False), keep_text=False)
+    other = recorded_parameters(sent(prompt="a cat", width=768), keep_text=True)
     assert differing_fields(first, same, recorded_seed=7) == []
     assert differing_fields(first, other, recorded_seed=7) == ["prompt", "width"]
-    with_seed = recorded_parameters(PredictRequest(prompt="a fox", width=512, seed=7), keep_text=False)
+    with_seed = recorded_parameters(sent(prompt="a fox", width=512, seed=7), keep_text=False)
     assert differing_fields(first, with_seed, recorded_seed=7) == []  # the seed its answer gave
     assert differing_fields(first, with_seed, recorded_seed=8) == ["seed"]
 
 
 def test_without_a_seed_the_id_chooses_it():
-    request = PredictRequest(prompt="x")
+    request = sent(prompt="x")
     assert seed_for(request, "abc") == seed_for(request, "abc") != seed_for(request, "abd")
-    assert seed_for(PredictRequest(prompt="x", seed=5), "abc") == 5
+    assert seed_for(sent(prompt="x", seed=5), "abc") == 5
 
 
 def test_a_claim_whose_answer_was_lost_is_still_this_processes(tmp_path):

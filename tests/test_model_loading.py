@@ -5,12 +5,13 @@ import hashlib
 import pytest
 import torch
 
-from sd3_service.contract import PredictRequest
-from sd3_service.generation import encode_image, generate_images, generation_arguments
-from sd3_service.model_loading import (HUB_MODEL_ID, load_pipeline, load_weights, place_pipeline, resolve_devices,
-                                       resolve_dtype, resolve_model_source)
+from sd3_service.pipelines.generation import generate_images, generation_arguments
+from sd3_service.pipelines.loading import (HUB_MODEL_ID, load_pipeline, load_weights, place_pipeline, resolve_devices,
+                                           resolve_dtype, resolve_model_source)
+from sd3_service.pipelines.tiny import build_tiny_pipeline
 from sd3_service.settings import Settings
-from sd3_service.tiny_model import build_tiny_pipeline
+from sd3_service.spec import ImageRequest
+from sd3_service.storage.encoding import encode_image
 
 
 def test_auto_prefers_the_artifacts_model_folder(tmp_path):
@@ -46,7 +47,7 @@ def test_a_malformed_device_list_is_refused(setting):
 
 
 def _image_sha(pipe, device="cpu"):
-    request = PredictRequest(prompt="a house", width=256, height=256, num_inference_steps=2)
+    request = ImageRequest(prompt="a house", width=256, height=256, num_inference_steps=2)
     [image] = generate_images(pipe, seed=11, **generation_arguments(request))
     return hashlib.sha256(encode_image(image, "png").data).hexdigest()
 
@@ -65,7 +66,7 @@ def test_the_tiny_pipeline_is_the_same_in_every_process_and_takes_every_allowed_
     assert type(pipe).__name__ == "StableDiffusion3Pipeline"
     assert _image_sha(pipe) == _image_sha(build_tiny_pipeline())
     for width, height in [(256, 1536), (1536, 256), (272, 784)]:
-        request = PredictRequest(prompt="x", width=width, height=height, num_inference_steps=1)
+        request = ImageRequest(prompt="x", width=width, height=height, num_inference_steps=1)
         assert generate_images(pipe, seed=0, **generation_arguments(request))[0].size == (width, height)
 
 

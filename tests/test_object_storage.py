@@ -13,12 +13,12 @@ import httpx
 import oci
 import pytest
 
-from fakes import oci_common
-from fakes.object_storage import FakeObjectStorage
-from fakes.oci_common import Fault
-from sd3_service.object_storage import MAX_ATTEMPTS, ObjectStorageStore, attempt_timeout
 from sd3_service.settings import Settings
-from sd3_service.store import ImageObject, StoreError
+from sd3_service.storage.object_storage import MAX_ATTEMPTS, ObjectStorageStore, attempt_timeout
+from sd3_service.storage.store import ImageObject, StoreError
+from testbed.fakes import oci_common
+from testbed.fakes.object_storage import FakeObjectStorage
+from testbed.fakes.oci_common import Fault
 
 NAME = "sd3/2026/11/25/0123abcd-0.png"
 PNG = b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 64

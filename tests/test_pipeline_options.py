@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from sd3_service.contract import PredictRequest
-from sd3_service.generation import generate_images, generation_arguments
-from sd3_service.model_loading import load_pipeline
+from sd3_service.pipelines.generation import generate_images, generation_arguments
+from sd3_service.pipelines.loading import load_pipeline
 from sd3_service.settings import Settings
+from sd3_service.spec import ImageRequest
 
-REQUEST = PredictRequest(prompt="a red bicycle leaning on a wall", width=256, height=256, num_inference_steps=2)
+REQUEST = ImageRequest(prompt="a red bicycle leaning on a wall", width=256, height=256, num_inference_steps=2)
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 

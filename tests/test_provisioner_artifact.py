@@ -1,4 +1,4 @@
-"""The model artifact zip: deterministic, stored, files at the root, no caches, weights included."""
+"""The model artifact zip: deterministic, stored, files at the root, no caches, weights and LoRA catalog included."""
 
 from __future__ import annotations
 
@@ -28,6 +28,8 @@ def service_copy(tmp_path: Path) -> Path:
     (source / "model" / "transformer").mkdir(parents=True)
     (source / "model" / "model_index.json").write_text('{"_class_name": "StableDiffusion3Pipeline"}')
     (source / "model" / "transformer" / "weights.safetensors").write_bytes(os.urandom(300_000))
+    (source / "loras").mkdir()  # the LoRA catalog
+    (source / "loras" / "watercolour.safetensors").write_bytes(os.urandom(50_000))
     return source
 
 
@@ -50,6 +52,7 @@ def test_zip_holds_exactly_the_service_files_at_its_root_uncompressed(tmp_path):
         contents = {e.filename: zf.read(e) for e in entries}
     assert contents == expected_files(source)
     assert "service.py" in contents and "model/transformer/weights.safetensors" in contents
+    assert "loras/watercolour.safetensors" in contents and "sd3_service/pipelines/loras.py" in contents
     assert [e.filename for e in entries] == sorted(contents)
     assert all(e.compress_type == zipfile.ZIP_STORED and e.date_time == (1980, 1, 1, 0, 0, 0) for e in entries)
     assert info.size == info.path.stat().st_size and info.sha256 == file_sha256(info.path)

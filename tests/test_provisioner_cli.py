@@ -20,11 +20,10 @@ import pytest
 
 from provisioner import clients, operations
 from provisioner.settings import resolve_settings
-
-from fakes.data_science import DeploymentFailure, FakeDataScience
-from fakes.object_storage import FakeObjectStorage, StoredObject
-from fakes.oci_common import (COMPARTMENT_ID, Credentials, api_key, json_reply, resource_principal,
-                               security_token)
+from testbed.fakes.data_science import DeploymentFailure, FakeDataScience
+from testbed.fakes.object_storage import FakeObjectStorage, StoredObject
+from testbed.fakes.oci_common import (COMPARTMENT_ID, Credentials, api_key, json_reply, resource_principal,
+                                      security_token)
 
 REPO = Path(__file__).resolve().parent.parent
 TOOL = REPO / "model-deployment.py"
@@ -251,6 +250,24 @@ def test_deploy_sends_every_field_waits_for_active_and_prints_how_to_call_it(clo
     assert_all_signed_by(cloud, cloud.credentials.key_id)
 
 
+def test_deploy_with_the_openai_api_asks_model_deployment_for_it_and_prints_the_base_url(cloud):
+    model = cloud.data_science.add_model(COMPARTMENT_ID, "sd3-medium")
+    result = ok(cloud.run("deploy", "--model", model["id"], "--image", IMAGE, "--api", "openai"))
+    body = only(cloud.data_science.seen("POST", "/modelDeployments")).json()
+    environment = body["modelDeploymentConfigurationDetails"]["environmentConfigurationDetails"]
+    assert environment["predictApiSpecification"] == "openai"
+    (deployment_id,) = cloud.data_science.deployments
+    url = cloud.data_science.deployment(deployment_id)["modelDeploymentUrl"]
+    assert f"OpenAI base_url: {url}/predict/v1" in result.stdout
+    # The default asks for nothing more than the native routes.
+    ok(cloud.run("deploy", "--model", model["id"], "--image", IMAGE, "--name", "plain"))
+    plain = cloud.data_science.seen("POST", "/modelDeployments")[-1].json()
+    assert "predictApiSpecification" not in plain["modelDeploymentConfigurationDetails"][
+        "environmentConfigurationDetails"]
+    refused = cloud.run("deploy", "--model", model["id"], "--image", IMAGE, "--api", "graphql")
+    assert refused.returncode == 2 and "invalid choice: 'graphql'" in refused.stderr
+
+
 def test_deploy_without_model_uses_the_newest_registered_model_of_that_name(cloud):
     cloud.data_science.add_model(COMPARTMENT_ID, "sd3-medium")
     newest = cloud.data_science.add_model(COMPARTMENT_ID, "sd3-medium")
@@ -365,6 +382,19 @@ def test_status_update_and_delete_find_the_deployment_by_display_name(cloud):
 
     gone = cloud.run("status", "sd3-prod")
     assert gone.returncode == 2 and "no model deployment named 'sd3-prod'" in gone.stderr
+
+
+def test_status_works_with_a_copied_example_config_whose_image_is_still_a_placeholder(cloud):
+    # As an operator does: copy deploy.example.toml, fill in the compartment, ask for the status before anything else.
+    model = cloud.data_science.add_model(COMPARTMENT_ID, "sd3-medium")
+    deployment = cloud.data_science.add_deployment(COMPARTMENT_ID, "sd3-medium", model["id"])
+    example = (TOOL.parent / "deploy.example.toml").read_text()
+    (cloud.workdir / "deploy.toml").write_text(example.replace("ocid1.compartment.oc1..<unique_id>", COMPARTMENT_ID))
+    status = ok(cloud.run("status"))
+    assert f"id:        {deployment['id']}" in status.stdout
+    refused = cloud.run("deploy", "--model", model["id"])  # deploy would send the image: refused, naming it
+    assert refused.returncode == 2 and "image = '<region-key>.ocir.io/<namespace>/sd3-medium:0.1.0'" in \
+        refused.stderr and cloud.data_science.seen("POST") == []
 
 
 def test_an_ambiguous_name_lists_the_candidates_and_changes_nothing(cloud):

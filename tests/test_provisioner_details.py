@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import re
-
 import json
+import re
 import shlex
 from pathlib import Path
 
@@ -324,6 +323,20 @@ def test_the_untouched_example_config_is_refused_naming_each_placeholder_and_whe
     with pytest.raises(ConfigError) as refused:
         resolve_settings({"image": "iad.ocir.io/tenancy/sd3-medium:0.1.0"}, {}, example, config_required=True)
     assert "image =" not in str(refused.value) and "compartment_id =" in str(refused.value)
+
+
+@pytest.mark.parametrize("command", ["status", "predict", "delete", "update", "package"])
+def test_a_command_refuses_only_the_placeholders_of_the_settings_it_uses(tmp_path, command):
+    example = Path(__file__).parent.parent / "deploy.example.toml"
+    copied = tmp_path / "deploy.toml"  # copied, and only the compartment filled in
+    compartment = "ocid1.compartment.oc1..aaaamine"
+    copied.write_text(example.read_text().replace("ocid1.compartment.oc1..<unique_id>", compartment))
+    resolved = resolve_settings({}, {}, copied, config_required=True, command=command)
+    assert resolved.compartment_id == compartment and "<" in resolved.image
+    with pytest.raises(ConfigError, match="image = "):
+        resolve_settings({}, {}, copied, config_required=True, command="deploy")
+    with pytest.raises(ConfigError, match="compartment_id = "):  # one a command uses is still refused
+        resolve_settings({}, {}, example, config_required=True, command=command if command != "package" else "status")
 
 
 def test_comparisons_in_autoscaling_queries_are_not_placeholders():

@@ -29,8 +29,8 @@ def test_every_document_the_readme_links_exists():
 
 
 def test_the_lifecycle_rule_command_in_the_docs_sends_the_rule_it_describes(tmp_path):
-    from fakes import oci_common
-    from fakes.object_storage import FakeObjectStorage
+    from testbed.fakes import oci_common
+    from testbed.fakes.object_storage import FakeObjectStorage
 
     text = (README.parent / "docs" / "object-storage.md").read_text()
     command = re.search(r"```bash\n(oci os object-lifecycle-policy put.*?)```", text, re.S)[1]

@@ -9,11 +9,11 @@ import time
 import pytest
 from pydantic import ValidationError
 
-from fakes import oci_common
-from sd3_service.object_storage import ObjectStorageStore
 from sd3_service.settings import ARTIFACT_DIR, Settings
-from sd3_service.spool import Spool, SpoolCorrupt, SpoolingStore
-from sd3_service.store import ImageObject, LocalFolderStore
+from sd3_service.storage.object_storage import ObjectStorageStore
+from sd3_service.storage.spool import Spool, SpoolCorrupt, SpoolingStore
+from sd3_service.storage.store import ImageObject, LocalFolderStore
+from testbed.fakes import oci_common
 
 
 def image(index: int = 0, request_id: str = "req-42") -> ImageObject:

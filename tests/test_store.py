@@ -4,8 +4,8 @@ import datetime as dt
 
 import pytest
 
-from sd3_service.naming import image_name
-from sd3_service.store import ImageObject, LocalFolderStore, StoreError
+from sd3_service.storage.naming import image_name
+from sd3_service.storage.store import ImageObject, LocalFolderStore, StoreError
 
 
 def test_object_names_are_dated_and_built_from_the_request_id():

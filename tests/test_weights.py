@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from sd3_service.weights import hub_download_warning, is_cached, warn_if_hub_download
+from sd3_service.pipelines.weights import hub_download_warning, is_cached, warn_if_hub_download
 
 SD3 = "stabilityai/stable-diffusion-3-medium-diffusers"
 SERVICE_DIR = Path(__file__).resolve().parent.parent / "sd3-medium"
@@ -60,7 +60,7 @@ def test_warning_is_logged(tmp_path, caplog):
 def test_load_pipeline_warns_before_downloading_from_the_hub(tmp_path):
     """The real loader, offline with an empty cache: the warning comes first, then the load fails."""
     env = {**os.environ, "HF_HOME": str(tmp_path), "HF_HUB_OFFLINE": "1", "SD3_MODEL": SD3, "SD3_DEVICE": "cpu"}
-    code = "from sd3_service.model_loading import load_pipeline; from sd3_service.settings import Settings; " \
+    code = "from sd3_service.pipelines.loading import load_pipeline; from sd3_service.settings import Settings; " \
            "load_pipeline(Settings())"
     run = subprocess.run([sys.executable, "-c", code], cwd=SERVICE_DIR, env=env, capture_output=True, text=True,
                          timeout=120)

@@ -23,7 +23,6 @@ from packaging.markers import default_environment
 from packaging.requirements import Requirement
 from packaging.tags import sys_tags
 from packaging.utils import canonicalize_name, parse_wheel_filename
-from packaging.version import Version
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from write_lock import LOCK  # noqa: E402

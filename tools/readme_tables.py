@@ -17,8 +17,9 @@ sys.path.insert(0, str(REPO / "sd3-medium"))
 
 from pydantic_core import PydanticUndefined  # noqa: E402
 
-from sd3_service.contract import PredictRequest, PredictResponse, StoredImage  # noqa: E402
+from sd3_service.api.native.models import PredictRequest, PredictResponse  # noqa: E402
 from sd3_service.settings import Settings  # noqa: E402
+from sd3_service.spec import StoredImage  # noqa: E402
 
 
 def _default(field) -> str:

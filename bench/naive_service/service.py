@@ -14,13 +14,13 @@ import time
 
 import bentoml
 
-from sd3_service.contract import PredictRequest
-from sd3_service.generation import generate_images, generation_arguments
-from sd3_service.model_loading import load_pipeline
+from sd3_service.pipelines.generation import generate_images, generation_arguments
+from sd3_service.pipelines.loading import load_pipeline
 from sd3_service.settings import Settings
-from sd3_service.image_writer import build_store
-from sd3_service.naming import image_name
-from sd3_service.store import ImageObject
+from sd3_service.spec import ImageRequest
+from sd3_service.storage.naming import image_name
+from sd3_service.storage.store import ImageObject
+from sd3_service.storage.writer import build_store
 
 
 @bentoml.service(name="sd3-naive", traffic={"timeout": 300}, resources={"gpu": 1})
@@ -33,8 +33,8 @@ class NaiveSD3:
     @bentoml.api(route="/predict")
     def predict(self, prompt: str, num_inference_steps: int = 28, guidance_scale: float = 7.0, width: int = 1024,
                 height: int = 1024, seed: int = 0, request_id: str = "naive") -> dict:
-        request = PredictRequest(prompt=prompt, num_inference_steps=num_inference_steps,
-                                 guidance_scale=guidance_scale, width=width, height=height, seed=seed)
+        request = ImageRequest(prompt=prompt, num_inference_steps=num_inference_steps,
+                               guidance_scale=guidance_scale, width=width, height=height, seed=seed)
         began = time.perf_counter()
         [image] = generate_images(self.loaded.pipe, seed=seed, **generation_arguments(request))
         generated = time.perf_counter()

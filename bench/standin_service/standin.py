@@ -1,13 +1,14 @@
 """The real service with a stand-in pipeline, to measure the device pool at GPU speeds on a CPU.
 
 Everything but the pipeline is the production service (`sd3-medium/service.py`): HTTP, the guard, the
-engine, the device pool with one worker per device, the answer book, the image writer and the store.
+engine, the device pool with one worker per device, the jobs, the image writer and the store. The model's
+loaders are the seam (`compose.ModelLoaders`): this service hands in its own.
 Each device's "pipeline" sleeps `STANDIN_SECONDS_PER_IMAGE` per image (a sleep does not hold the GIL,
 as a GPU's kernels do not) and returns real images of the requested size, which are encoded and
 stored as usual. `SD3_DEVICE=cpu,cpu,...` sets the number of stand-in devices.
 
     cd bench/standin_service && PYTHONPATH=../../sd3-medium STANDIN_SECONDS_PER_IMAGE=1 \\
-        SD3_DEVICE=cpu,cpu bentoml serve standin:SD3Medium
+        SD3_DEVICE=cpu,cpu bentoml serve standin:SD3Standin
 """
 
 from __future__ import annotations
@@ -18,10 +19,11 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
+import service  # the production service module, from sd3-medium/
 from PIL import Image
 
-import service  # the production service module, from sd3-medium/
-from sd3_service.model_loading import LoadedPipeline, LoadedWeights, ModelSource
+from sd3_service.compose import ModelLoaders
+from sd3_service.pipelines.loading import LoadedPipeline, LoadedWeights, ModelSource
 
 SECONDS_PER_IMAGE = float(os.environ.get("STANDIN_SECONDS_PER_IMAGE", "1.0"))
 SOURCE = ModelSource("standin", "standin", f"{SECONDS_PER_IMAGE} s per image, GIL released")
@@ -59,7 +61,8 @@ def standin_place(weights, device, settings, copy):
     return LoadedPipeline(pipe=StandinPipeline(), source=SOURCE, device=device, dtype="float32")
 
 
-# The production wiring looks these up when the service starts: swap only the pipeline.
-service.load_weights = standin_weights
-service.place_pipeline = standin_place
-SD3Medium = service.SD3Medium
+class StandinService(service.SD3MediumService):
+    loaders = ModelLoaders(load_weights=standin_weights, place=standin_place)
+
+
+SD3Standin = service.serve(StandinService, name="sd3-standin")

@@ -1,4 +1,4 @@
-"""An OCI Data Science endpoint on loopback, for the real `oci` SDK (see `fakes.oci_common`).
+"""An OCI Data Science endpoint on loopback, for the real `oci` SDK (see `testbed.fakes.oci_common`).
 
 It implements what the provisioner uses, with OCI's paths (`/20190101/...`), JSON shapes and headers:
 models (create, get, list, artifact upload and HEAD, export from Object Storage with a work request),
@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 from urllib.parse import unquote
 
-from fakes.oci_common import OCIFakeServer, Reply, Request, error_reply, http_date, json_reply, rfc3339
+from testbed.fakes.oci_common import OCIFakeServer, Reply, Request, error_reply, http_date, json_reply, rfc3339
 
 API = "/20190101"
 ENV_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]{1,30}")

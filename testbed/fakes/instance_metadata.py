@@ -1,5 +1,5 @@
 """Instance principals on loopback: the instance metadata service (IMDS) and the auth service's X.509
-federation endpoint, for the real `oci` SDK (see `fakes.oci_common`).
+federation endpoint, for the real `oci` SDK (see `testbed.fakes.oci_common`).
 
 On an OCI compute instance, `oci.auth.signers.InstancePrincipalsSecurityTokenSigner` reads the instance's
 region and its X.509 identity (a leaf certificate with its private key, and the intermediate certificate
@@ -34,10 +34,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
 
-from fakes.oci_common import (
-    COMPARTMENT_ID, TENANCY_ID, OCIFakeServer, Reply, Request, SignatureError, error_reply, json_reply, new_rsa_key,
-    private_pem, verify_signature,
-)
+from testbed.fakes.oci_common import (COMPARTMENT_ID, TENANCY_ID, OCIFakeServer, Reply, Request, SignatureError,
+                                      error_reply, json_reply, new_rsa_key, private_pem, verify_signature)
 
 INSTANCE_ID = "ocid1.instance.oc1.iad.aaaatestinstance"
 IMDS_PATH = "/opc/v2"

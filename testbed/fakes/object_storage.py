@@ -1,4 +1,4 @@
-"""An OCI Object Storage endpoint on loopback, for the real `oci` SDK (see `fakes.oci_common`).
+"""An OCI Object Storage endpoint on loopback, for the real `oci` SDK (see `testbed.fakes.oci_common`).
 
 It implements what our code uses, with OCI's paths, headers and error shapes: the namespace; buckets
 (create, get, head); objects (put, get, head, list, delete) with `opc-meta-*` metadata,
@@ -18,9 +18,8 @@ import uuid
 from dataclasses import dataclass, field
 from urllib.parse import quote, unquote
 
-from fakes.oci_common import (
-    COMPARTMENT_ID, OCIFakeServer, Reply, Request, error_reply, http_date, json_reply, rfc3339,
-)
+from testbed.fakes.oci_common import (COMPARTMENT_ID, OCIFakeServer, Reply, Request, error_reply, http_date, json_reply,
+                                      rfc3339)
 
 _BUCKET = r"/n/(?P<ns>[^/]+)/b/(?P<bucket>[^/]+)"
 ROUTES = [

@@ -7,7 +7,7 @@ half of a key the test generated and registered. Unsigned or wrongly signed requ
 OCI. Tests inject faults (error statuses, slow answers, dropped connections) and read back every
 request the server saw.
 
-Subclasses implement `route(request) -> Reply`; see `fakes.object_storage` for one.
+Subclasses implement `route(request) -> Reply`; see `testbed.fakes.object_storage` for one.
 """
 
 from __future__ import annotations

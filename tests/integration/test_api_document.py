@@ -34,10 +34,10 @@ def test_every_error_status_is_declared_with_the_services_own_body(server):
     error_ref = {"$ref": "#/components/schemas/ErrorResponse"}
     for route in ("/predict", "/txt2img", "/img2img"):
         responses = document["paths"][route]["post"]["responses"]
-        takes_inputs = {"404"} if route != "/txt2img" else set()  # an oci:// input that is not there
         takes_ids = {"409"} if route == "/predict" else set()  # a reused or interrupted request_id
-        assert set(responses) - {"202"} == {"200", "400", "413", "429", "500", "503"} | takes_inputs | takes_ids
-        for status in ("400", "413", "429", "500", "503", *takes_inputs, *takes_ids):
+        # 404: a LoRA adapter (every route), or an oci:// input, that is not there
+        assert set(responses) - {"202"} == {"200", "400", "404", "413", "429", "500", "503"} | takes_ids
+        for status in ("400", "404", "413", "429", "500", "503", *takes_ids):
             assert responses[status]["content"]["application/json"]["schema"] == error_ref, (route, status)
         assert "Retry-After" in responses["429"]["headers"] and "Retry-After" in responses["503"]["headers"]
         assert document["paths"][route]["post"]["requestBody"]["required"] is True
@@ -103,7 +103,8 @@ def test_the_readmes_image_to_image_commands_work_as_written(server, tmp_path):
     assert result.returncode == 0, result.stderr
     answer = json.loads(result.stdout)
     assert (answer["images"][0]["width"], answer["images"][0]["height"]) == (512, 512)
-    assert Image.open(tmp_path / "repainted.png").size == (512, 512)
+    assert Image.open(tmp_path / "outputs" / "repainted.png").size == (512, 512)
+    assert [path.name for path in tmp_path.iterdir()] == ["outputs"]  # nothing written beside it: a clone stays clean
 
 
 def test_the_readmes_python_client_gets_its_image(server, tmp_path):

@@ -5,16 +5,17 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+import uuid
 
 from image_samples import b64
-from integration.conftest import start_server, stop_server
 from integration.test_service import file_of, predict
+from testbed.server import start_server, stop_server
 
-BUSY = {"width": 512, "height": 512, "num_inference_steps": 30}
+SMALL = {"width": 256, "height": 256, "num_inference_steps": 6}
 
 
-def statuses_until_done(server, request_id: str, timeout: float = 120) -> tuple[list, dict]:
-    """Every poll's (status code, state, progress) until the answer comes, and the answer."""
+def statuses_until_done(server, request_id: str, timeout: float = 120, until=None) -> tuple[list, dict | None]:
+    """Every poll's (state, position, progress) until the answer comes (or `until(seen)` holds), and the answer."""
     seen, deadline = [], time.monotonic() + timeout
     while time.monotonic() < deadline:
         response = predict(server, {"request_id": request_id})
@@ -23,25 +24,38 @@ def statuses_until_done(server, request_id: str, timeout: float = 120) -> tuple[
         assert response.status_code == 202, response.text
         assert int(response.headers["retry-after"]) == response.json()["retry_after"] >= 1
         seen.append((response.json()["status"], response.json()["position"], response.json()["progress"]))
-        time.sleep(0.05)
+        if until is not None and until(seen):
+            return seen, None
+        time.sleep(0.02)
     raise AssertionError(f"never answered: {seen[-5:]}")
 
 
 def test_wait_false_answers_202_then_polls_show_queued_running_and_the_answer(server):
-    ahead = predict(server, {"prompt": "ahead", "request_id": "async-ahead", "wait": False, **BUSY})
-    accepted = predict(server, {"prompt": "a tide pool", "request_id": "async-tide", "wait": False, **BUSY})
-    assert ahead.status_code == accepted.status_code == 202, accepted.text
-    assert accepted.json()["request_id"] == "async-tide" and accepted.json()["status"] == "queued"
-
-    seen, answer = statuses_until_done(server, "async-tide")
-    states = [state for state, *_ in seen]
-    assert "queued" in states and "running" in states, seen
-    assert states.index("running") > states.index("queued") and "queued" not in states[states.index("running"):]
-    assert any(position == 1 for state, position, _ in seen if state == "queued"), seen  # next in line
-    steps = [progress["step"] for state, _, progress in seen if state == "running" and progress]
-    assert steps and steps == sorted(steps) and all(p["steps"] == 30 for *_, p in seen if p), seen
-    assert answer["request_id"] == "async-tide" and file_of(answer["images"][0]).is_file()
-    statuses_until_done(server, "async-ahead")
+    ahead, tide = f"async-ahead-{uuid.uuid4().hex[:6]}", f"async-tide-{uuid.uuid4().hex[:6]}"
+    try:
+        first = predict(server, {"prompt": server.hold(ahead), "request_id": ahead, "wait": False, **SMALL})
+        assert first.status_code == 202, first.text
+        # Nothing else waits: the first answer says it is next (or already running).
+        assert (first.json()["status"], first.json()["position"]) in (("queued", 1), ("running", None)), first.text
+        server.wait_held(ahead)
+        accepted = predict(server, {"prompt": server.hold(tide), "request_id": tide, "wait": False, **SMALL})
+        assert accepted.status_code == 202, accepted.text
+        assert accepted.json() | {"retry_after": 0} == {"request_id": tide, "status": "queued", "position": 1,
+                                                       "progress": None, "retry_after": 0}
+        queued, _ = statuses_until_done(server, tide, until=lambda seen: len(seen) >= 2)
+        assert all(seen == ("queued", 1, None) for seen in queued), queued  # behind the running one, next in line
+        server.release(ahead)
+        server.wait_held(tide)
+        running, _ = statuses_until_done(server, tide, until=lambda seen: len(seen) >= 2)
+        assert all(seen == ("running", None, {"step": 1, "steps": 6}) for seen in running), running  # held at step 1
+        server.release(tide)
+        rest, answer = statuses_until_done(server, tide)
+    finally:
+        server.release(ahead), server.release(tide)
+    steps = [progress["step"] for state, _, progress in rest if state == "running" and progress]
+    assert steps == sorted(steps) and all(state == "running" for state, *_ in rest), rest
+    assert answer["request_id"] == tide and file_of(answer["images"][0]).is_file()
+    statuses_until_done(server, ahead)
 
 
 def test_a_failed_request_answers_its_own_error_when_polled(server):

@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import os
 import re
-from pathlib import Path
+import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
-
-import httpx
+from pathlib import Path
 
 from image_samples import b64, left_half_mask, noise
 
-# Big enough that a request is still generating when the next one arrives, small enough for two CPU cores.
-BUSY = {"width": 512, "height": 512, "num_inference_steps": 12}
+SMALL = {"width": 256, "height": 256, "num_inference_steps": 2}
 EVENT = re.compile(r"\[(?P<request_id>[\w-]+)\] (?P<event>Generating on|Generated \d+ image\(s\) .* on) "
                    r"cpu \(device (?P<device>\d)\)")
 
@@ -23,46 +22,57 @@ def events(server) -> list[tuple[str, str, str]]:
             for m in EVENT.finditer(server.log())]
 
 
-def send_at_once(server, request_ids: list[str]) -> list[httpx.Response]:
-    with server.client() as client, ThreadPoolExecutor(len(request_ids)) as pool:
-        return list(pool.map(lambda rid: client.post("/predict", json={"prompt": rid, "request_id": rid, **BUSY}),
-                             request_ids))
+def send_held(server, bodies: dict[str, dict], pool: ThreadPoolExecutor):
+    """Send each body (by request id) at once, each held at the gate named after its id; the futures of the answers."""
+    def send(request_id):
+        with server.client() as client:
+            return client.post("/predict", json={"prompt": server.hold(request_id), "request_id": request_id,
+                                                  **SMALL, **bodies[request_id]})
+    return {request_id: pool.submit(send, request_id) for request_id in bodies}
 
 
-def test_two_devices_generate_at_the_same_time_and_three_requests_keep_both_busy(make_server):
-    server = make_server({"SD3_DEVICE": "cpu,cpu"})
-    with server.client() as client:
+def run_id(name: str) -> str:
+    return f"{name}-{uuid.uuid4().hex[:6]}"
+
+
+def test_both_devices_generate_at_the_same_time_and_a_third_request_takes_the_first_free_one(pool):
+    with pool.client() as client:
         health = client.get("/health").json()
     assert health["devices"] == [{"device": "cpu", "state": "ready"}, {"device": "cpu", "state": "ready"}]
 
-    answers = send_at_once(server, ["pair-a", "pair-b"])
-    assert [a.status_code for a in answers] == [200, 200], [a.text for a in answers]
-    seen = [e for e in events(server) if e[1].startswith("pair-")]
-    # Both started before either ended: the two generations overlapped, on different devices.
-    assert [kind for kind, *_ in seen] == ["start", "start", "end", "end"], seen
-    assert {device for *_, device in seen} == {"0", "1"}
+    a, b, c = run_id("pair-a"), run_id("pair-b"), run_id("pair-c")
+    with ThreadPoolExecutor(3) as threads:
+        answers = send_held(pool, {a: {}, b: {}}, threads)
+        pool.wait_held(a), pool.wait_held(b)  # both inside a generation at once: one on each device
+        answers |= send_held(pool, {c: {}}, threads)
+        with pool.client() as client:
+            while (queued := client.post("/predict", json={"request_id": c})).status_code != 202:
+                time.sleep(0.02)  # not accepted yet
+        assert queued.json()["status"] == "queued" and queued.json()["position"] == 1, queued.text
+        pool.release(a)
+        pool.wait_held(c)  # the third starts once a device is free, on the device that freed
+        pool.release(b), pool.release(c)
+        assert [answers[r].result().status_code for r in (a, b, c)] == [200, 200, 200]
+    seen = {request_id: [(kind, device) for kind, rid, device in events(pool) if rid == request_id]
+            for request_id in (a, b, c)}
+    assert {seen[a][0][1], seen[b][0][1]} == {"0", "1"}, seen
+    assert seen[c][0][1] == seen[a][0][1], seen
+    order = [(kind, rid) for kind, rid, _ in events(pool) if rid in (a, b, c)]
+    assert order.index(("start", c)) > order.index(("end", a)), order
 
-    answers = send_at_once(server, ["three-a", "three-b", "three-c"])
-    assert [a.status_code for a in answers] == [200, 200, 200], [a.text for a in answers]
-    seen = [e for e in events(server) if e[1].startswith("three-")]
-    starts = [e for e in seen if e[0] == "start"]
-    # Two run at once; the third starts on whichever device ends first, and no sooner.
-    assert [kind for kind, *_ in seen[:3]] == ["start", "start", "end"], seen
-    third = starts[2]
-    first_end = seen[2]
-    assert seen.index(third) > seen.index(first_end) and third[2] == first_end[2], seen
 
-    # Image to image and inpainting run on every device too: each has its own pipelines over its own weights.
-    start = b64(noise(512, 512))
-    bodies = [{"prompt": "a", "request_id": "image-a", "image": start, **BUSY},
-              {"prompt": "b", "request_id": "image-b", "image": start, "mask_image": b64(left_half_mask(512, 512)),
-               **BUSY}]
-    with server.client() as client, ThreadPoolExecutor(2) as pool:
-        answers = list(pool.map(lambda body: client.post("/predict", json=body), bodies))
-    assert [a.status_code for a in answers] == [200, 200], [a.text for a in answers]
-    seen = [e for e in events(server) if e[1].startswith("image-")]
-    assert [kind for kind, *_ in seen] == ["start", "start", "end", "end"], seen
-    assert {device for *_, device in seen} == {"0", "1"}
+def test_image_to_image_and_inpainting_run_on_both_devices_at_once(pool):
+    # Each device has its own image pipelines over its own weights.
+    start = b64(noise(256, 256))
+    img2img, inpaint = run_id("image-a"), run_id("image-b")
+    with ThreadPoolExecutor(2) as threads:
+        answers = send_held(pool, {img2img: {"image": start},
+                                   inpaint: {"image": start, "mask_image": b64(left_half_mask(256, 256))}}, threads)
+        pool.wait_held(img2img), pool.wait_held(inpaint)
+        pool.release(img2img), pool.release(inpaint)
+        assert [answers[r].result().status_code for r in (img2img, inpaint)] == [200, 200]
+    devices = {device for kind, rid, device in events(pool) if rid in (img2img, inpaint)}
+    assert devices == {"0", "1"}
 
 
 def test_a_device_that_fails_to_load_is_named_and_the_other_serves(make_server):

@@ -16,13 +16,13 @@ import httpx
 import psutil
 import pytest
 
-from fakes import oci_common
-from fakes.object_storage import FakeObjectStorage
-from integration.conftest import start_server, stop_server
+from integration.test_metrics import scrape, value
 from integration.test_service import oci_raw_request
+from testbed.fakes import oci_common
+from testbed.fakes.object_storage import FakeObjectStorage
+from testbed.server import start_server, stop_server
 
 SMALL = {"width": 256, "height": 256, "num_inference_steps": 2}
-SLOW = {"width": 1024, "height": 1024, "num_inference_steps": 40}  # seconds on two CPU cores
 
 pytestmark = pytest.mark.usefixtures("healthy_fake")  # every test starts and ends with no fault injected
 
@@ -41,7 +41,7 @@ def principal(fake, tmp_path_factory):
 def env_for(fake, principal, tmp, **extra) -> dict[str, str]:
     return {**principal.env, "BUCKET_NAME": "images", "OCI_OBJECT_STORAGE_ENDPOINT": fake.endpoint,
             "SPOOL_DIR": str(tmp / "spool"), "STORE_TIMEOUT_SECONDS": "4", "LEASE_SECONDS": "3",
-            "SYNC_WAIT_SECONDS": "3", **extra}
+            "SYNC_WAIT_SECONDS": "3", "LEDGER_PAUSE_SECONDS": "1", **extra}
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +51,7 @@ def pair(fake, principal, tmp_path_factory):
     try:
         for name in ("a", "b"):
             tmp = tmp_path_factory.mktemp(f"instance-{name}")
-            servers.append(start_server(tmp, env_for(fake, principal, tmp)))
+            servers.append(start_server(tmp, env_for(fake, principal, tmp), gates=True))
         yield servers
     finally:
         for server in servers:
@@ -121,12 +121,14 @@ def test_the_same_id_with_other_parameters_on_another_instance_is_409(pair):
 
 def test_an_async_request_is_polled_on_the_other_instance_from_its_record(pair, fake):
     a, b = pair
-    accepted = post(a, {"prompt": "a slow heron", "request_id": "heron-async", "wait": False, **SLOW})
+    accepted = post(a, {"prompt": a.hold("heron-async"), "request_id": "heron-async", "wait": False, **SMALL})
     assert accepted.status_code == 202 and accepted.json()["status"] in ("queued", "running"), accepted.text
     assert int(accepted.headers["retry-after"]) >= 1
+    a.wait_held("heron-async")
     elsewhere = post(b, {"request_id": "heron-async"})
     assert elsewhere.status_code == 202, elsewhere.text
     assert elsewhere.json()["progress"] is None and elsewhere.json()["position"] is None  # only A knows those
+    a.release("heron-async")
     answer = until_answered(b, "heron-async")
     assert answer == until_answered(a, "heron-async")
     assert generations(b, "heron-async") == 0
@@ -134,18 +136,22 @@ def test_an_async_request_is_polled_on_the_other_instance_from_its_record(pair, 
 
 def test_a_sync_request_past_sync_wait_answers_202_and_then_completes(pair):
     a, _ = pair
-    held = post(a, {"prompt": "a long exposure", "request_id": "long-exposure", **SLOW})
-    assert held.status_code == 202 and held.json()["request_id"] == "long-exposure", held.text
+    try:
+        held_back = post(a, {"prompt": a.hold("long-exposure"), "request_id": "long-exposure", **SMALL})
+    finally:
+        a.release("long-exposure")
+    assert held_back.status_code == 202 and held_back.json()["request_id"] == "long-exposure", held_back.text
     answer = until_answered(a, "long-exposure")
     assert answer["images"][0]["stored"] is True
 
 
 def test_oci_raw_request_sends_async_and_polls(pair, tmp_path):
     a, _ = pair
-    sent = oci_raw_request(f"{a.url}/predict", {"prompt": "a kite", "request_id": "kite-cli", "wait": False,
-                                                **SLOW}, tmp_path)
+    sent = oci_raw_request(f"{a.url}/predict", {"prompt": a.hold("kite-cli"), "request_id": "kite-cli",
+                                                "wait": False, **SMALL}, tmp_path)
     assert sent["status"].startswith("202"), sent
     assert sent["data"]["request_id"] == "kite-cli"
+    a.release("kite-cli")
     until_answered(a, "kite-cli")
     polled = oci_raw_request(f"{a.url}/predict", {"request_id": "kite-cli"}, tmp_path)
     assert polled["status"].startswith("200") and polled["data"]["request_id"] == "kite-cli", polled
@@ -164,15 +170,12 @@ def test_unknown_ids_and_bad_poll_bodies(pair):
 def test_a_killed_owner_is_taken_over_after_its_lease_and_a_restart_answers_the_same(fake, principal, pair,
                                                                                     tmp_path):
     _, b = pair
-    body = {"prompt": "a storm at sea", "request_id": "storm", **SLOW}
-    victim = start_server(tmp_path / "victim", env_for(fake, principal, tmp_path / "victim"))
+    victim = start_server(tmp_path / "victim", env_for(fake, principal, tmp_path / "victim"), gates=True)
+    body = {"prompt": victim.hold("storm", "a storm at sea"), "request_id": "storm", **SMALL}
     try:
         accepted = post(victim, {**body, "wait": False})
         assert accepted.status_code == 202, accepted.text
-        deadline = time.monotonic() + 60
-        while generations(victim, "storm") == 0:
-            assert time.monotonic() < deadline, victim.log()
-            time.sleep(0.05)
+        victim.wait_held("storm")
         # Mid-generation: no renewal, no answer, no goodbye. BentoML's worker runs in a session of its own, so the
         # whole tree is killed, worker first.
         tree = psutil.Process(victim.process.pid)
@@ -183,6 +186,7 @@ def test_a_killed_owner_is_taken_over_after_its_lease_and_a_restart_answers_the_
         claimed = record(fake, "storm")
         assert claimed["state"] in ("queued", "running") and claimed["answer"] is None
 
+        b.hold("storm"), b.release("storm")  # B's own gate for this prompt: open
         first = post(b, body)  # waits for the dead owner's lease, takes over, generates
         answer = first.json() if first.status_code == 200 else until_answered(b, "storm")
         assert generations(b, "storm") == 1, (first.text, [l for l in b.log().splitlines() if "storm" in l][-8:])
@@ -192,6 +196,7 @@ def test_a_killed_owner_is_taken_over_after_its_lease_and_a_restart_answers_the_
         assert hashlib.sha256(stored.data).hexdigest() == image["sha256"]
         assert image["object_name"].startswith(f"sd3/{claimed['day']}/storm-")
         etag = stored.etag
+        assert value(scrape(b), "sd3_takeovers_total") == 1
     finally:
         stop_server(victim)
 
@@ -208,10 +213,12 @@ def test_a_killed_owner_is_taken_over_after_its_lease_and_a_restart_answers_the_
 # -- the store down: nothing that succeeds without the ledger fails with it ----------------------------------
 
 
-@pytest.fixture
-def lone(fake, principal, tmp_path):
-    """A server of its own (an outage pauses its ledger for a while), waiting long enough to answer at once."""
-    server = start_server(tmp_path, env_for(fake, principal, tmp_path, SYNC_WAIT_SECONDS="60"))
+@pytest.fixture(scope="module")
+def lone(fake, principal, tmp_path_factory):
+    """A server of its own for the outages (a failed claim pauses its ledger for a second), waiting long enough to
+    answer at once."""
+    tmp = tmp_path_factory.mktemp("lone")
+    server = start_server(tmp, env_for(fake, principal, tmp, SYNC_WAIT_SECONDS="60"), gates=True)
     yield server
     stop_server(server)
 
@@ -239,12 +246,13 @@ def test_an_outage_during_the_claim_serves_the_request_and_records_it_later(fake
 
 
 def test_an_outage_during_generation_loses_no_image_and_no_record(fake, lone):
-    body = {"prompt": "a lighthouse in fog", "request_id": "fog", **SLOW, "num_inference_steps": 20}
+    body = {"prompt": lone.hold("fog", "a lighthouse in fog"), "request_id": "fog", **SMALL}
     replies = []
     caller = threading.Thread(target=lambda: replies.append(post(lone, body)))
     caller.start()
-    wait_until(lambda: generations(lone, "fog") == 1)
+    lone.wait_held("fog")
     fake.outage(503)
+    lone.release("fog")
     caller.join(120)
     [reply] = replies
     assert reply.status_code == 200, reply.text

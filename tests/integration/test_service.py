@@ -8,6 +8,8 @@ import json
 import re
 import subprocess
 import sys
+import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from urllib.parse import urlparse
@@ -15,6 +17,8 @@ from urllib.parse import urlparse
 import httpx
 import pytest
 from PIL import Image
+
+from testbed.server import start_server, stop_server
 
 SAMPLE_BODY = {"prompt": "A cat holding a sign that says hello World", "num_inference_steps": 10, "guidance_scale": 7.0}
 SMALL = {"width": 256, "height": 256, "num_inference_steps": 2}
@@ -237,24 +241,92 @@ def test_a_body_over_10_mb_gets_413(server):
         assert response.json()["error"]["code"] == "payload_too_large"
 
 
+def test_a_body_nested_too_deep_gets_400_not_silence(server):
+    # 3 KB of JSON 1,500 arrays deep: Python's parser gives up with a RecursionError, which must still be answered.
+    for route in ("/predict", "/txt2img", "/img2img"):
+        with server.client(timeout=30) as client:
+            response = client.post(route, content=b"[" * 1500 + b"]" * 1500,
+                                   headers={"content-type": "application/json"})
+        assert response.status_code == 400, response.text
+        assert response.json()["error"] == {"code": "malformed_json", "field": "body",
+                                            "message": "the body is not valid JSON here: it is nested too deeply"}
+
+
+def test_bentomls_own_client_calls_every_native_route_polling_included(server):
+    import bentoml
+    from bentoml.exceptions import BentoMLException
+
+    gate = f"client-{uuid.uuid4().hex[:6]}"
+    with bentoml.SyncHTTPClient(server.url, timeout=120) as client:
+        answer = client.predict(prompt="a kite", width=256, height=256, num_inference_steps=2, seed=3)
+        assert answer["seed"] == 3 and file_of(answer["images"][0]).is_file()
+        accepted = client.predict(prompt=server.hold(gate), request_id=gate, wait=False, **SMALL)
+        assert accepted["request_id"] == gate and accepted["status"] in ("queued", "running")
+        server.wait_held(gate)
+        assert client.predict(request_id=gate)["status"] == "running"  # a poll: the id alone
+        server.release(gate)
+        while "images" not in (polled := client.predict(request_id=gate)):
+            time.sleep(0.02)  # 202: still running
+        assert polled["request_id"] == gate and file_of(polled["images"][0]).is_file()
+        png = client.txt2img(prompt="a kite", width=256, height=256, num_inference_steps=2)
+        assert Image.open(io.BytesIO(png)).size == (256, 256)
+        from image_samples import b64, noise
+
+        repainted = client.img2img(prompt="a kite", image=b64(noise(256, 256)), num_inference_steps=2)
+        assert Image.open(io.BytesIO(repainted)).size == (256, 256)
+        with pytest.raises(BentoMLException) as refused:
+            client.predict(prompt="a kite", width=7)
+        assert refused.value.error_code == 400 and "width" in str(refused.value)
+
+
+def test_the_local_store_keeps_nothing_but_images_and_records(server):
+    kept = [path.relative_to(server.image_dir) for path in server.image_dir.rglob("*") if path.is_file()]
+    assert kept, "the tests above stored images"
+    strays = [path for path in kept if path.suffix not in (".png", ".jpeg", ".webp", ".json")
+              or path.name.startswith(".")]
+    assert strays == []
+
+
+def test_the_api_page_loads_nothing_from_outside_the_deployment(server):
+    with server.client() as client:
+        page = client.get("/").text
+    loaded = re.findall(r"<(?:script|link|img|iframe)\b[^>]*\b(?:src|href)=[\"']([^\"']+)", page)
+    assert loaded and all(not re.match(r"(https?:)?//", url) for url in loaded), loaded
+    assert "googletagmanager" not in page and "validatorUrl: null" in page
+    with server.client() as client:
+        for url in loaded:  # and what it does load is there
+            assert client.get(url.removeprefix(".")).status_code == 200, url
+
+
 def test_no_5xx_was_logged_by_the_shared_server(server):
     # Runs last in this module (pytest keeps file order): every request above was answered below 500.
     assert not re.search(r"status=5\d\d", server.log()), server.log()
 
 
-def test_a_full_queue_answers_429_with_retry_after(make_server):
-    busy = make_server({"MAX_QUEUE": "0"})
-    body = {"prompt": "slow", "width": 1024, "height": 1024, "num_inference_steps": 8}
-    with ThreadPoolExecutor(3) as pool:
-        responses = list(pool.map(lambda _: predict(busy, body), range(3)))
-    codes = sorted(response.status_code for response in responses)
-    assert codes[0] == 200 and 429 in codes, codes
-    for response in responses:
-        if response.status_code == 429:
-            assert int(response.headers["retry-after"]) >= 1
-            assert response.json()["error"]["code"] == "queue_full"
-    with busy.client() as client:  # health stays reachable while the GPU is busy
-        assert client.get("/health").status_code == 200
+@pytest.fixture(scope="module")
+def custom(tmp_path_factory):
+    """A server with the settings of the tests below at once: no waiting room (`MAX_QUEUE=0`), routes remapped as
+    Model Deployment does, and no `--host` (the service's own default)."""
+    running = start_server(tmp_path_factory.mktemp("custom"), {
+        "MAX_QUEUE": "0", "MODEL_DEPLOY_PREDICT_ENDPOINT": "/v1/generate", "MODEL_DEPLOY_HEALTH_ENDPOINT": "/ping"},
+        host=None, gates=True)
+    yield running
+    stop_server(running)
+
+
+def test_a_full_queue_answers_429_with_retry_after(custom):
+    gate = f"busy-{uuid.uuid4().hex[:6]}"
+    with custom.client() as client, ThreadPoolExecutor(1) as background:
+        running = background.submit(client.post, "/v1/generate", json={"prompt": custom.hold(gate), **SMALL})
+        try:
+            custom.wait_held(gate)  # the one device is taken, and no request may wait
+            refused = client.post("/v1/generate", json={"prompt": "one too many", **SMALL})
+            assert client.get("/ping").status_code == 200  # health stays reachable while the GPU is busy
+        finally:
+            custom.release(gate)
+        assert running.result().status_code == 200
+    assert refused.status_code == 429, refused.text
+    assert int(refused.headers["retry-after"]) >= 1 and refused.json()["error"]["code"] == "queue_full"
 
 
 def test_a_model_that_fails_to_load_is_reported_by_health_and_predict(make_server, tmp_path):
@@ -271,9 +343,8 @@ def test_a_model_that_fails_to_load_is_reported_by_health_and_predict(make_serve
     assert "Loading the model failed" in broken.log()
 
 
-def test_routes_follow_the_model_deployment_env_vars(make_server):
-    remapped = make_server({"MODEL_DEPLOY_PREDICT_ENDPOINT": "/v1/generate", "MODEL_DEPLOY_HEALTH_ENDPOINT": "/ping"})
-    with remapped.client() as client:
+def test_routes_follow_the_model_deployment_env_vars(custom):
+    with custom.client() as client:
         assert client.get("/ping").status_code == 200
         ok = client.post("/v1/generate", json={"prompt": "a", **SMALL})
         bad = client.post("/v1/generate", json={"prompt": "a", "width": 7})
@@ -293,7 +364,6 @@ def listening_addresses(port: int) -> set[str]:
     return found
 
 
-def test_bentoml_serve_without_host_listens_on_loopback_only(make_server):
-    server = make_server(host=None)
-    port = int(server.url.rsplit(":", 1)[1])
+def test_bentoml_serve_without_host_listens_on_loopback_only(custom):
+    port = int(custom.url.rsplit(":", 1)[1])
     assert listening_addresses(port) == {"0100007F"}, "expected 127.0.0.1 only"  # little-endian hex

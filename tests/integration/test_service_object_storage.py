@@ -12,11 +12,12 @@ import time
 import httpx
 import pytest
 
-from fakes import oci_common
-from fakes.object_storage import FakeObjectStorage
-from integration.conftest import start_server, stop_server
 from image_samples import b64, file_bytes, left_half_mask, noise
-from sd3_service.spool import Spool
+from integration.test_metrics import scrape, value
+from sd3_service.storage.spool import Spool
+from testbed.fakes import oci_common
+from testbed.fakes.object_storage import FakeObjectStorage
+from testbed.server import start_server, stop_server
 
 SMALL = {"width": 256, "height": 256, "num_inference_steps": 2}
 PROMPT = "a red fox in fresh snow, morning light"
@@ -42,11 +43,12 @@ def bucket_env(fake, spool_dir, **extra) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def server(fake, principal, tmp_path_factory):
-    """One server writing to the fake bucket as the resource principal, with links and sidecars on."""
+def server(fake, principal, tmp_path_factory, adapters):
+    """One server writing to the fake bucket as the resource principal, with links, sidecars and a LoRA catalog."""
     tmp = tmp_path_factory.mktemp("oci-server")
     running = start_server(tmp, {**principal.env, **bucket_env(fake, tmp / "spool"), "RETURN_URL": "true",
-                                 "URL_TTL_SECONDS": "600", "STORE_PARAMS": "true", "INPUT_BUCKETS": "images,inputs"})
+                                 "URL_TTL_SECONDS": "600", "STORE_PARAMS": "true", "INPUT_BUCKETS": "images,inputs",
+                                 "LORA_DIR": str(adapters.catalog), "LORA_CACHE_DIR": str(tmp / "lora-cache")})
     running.spool = Spool(tmp / "spool")
     yield running
     stop_server(running)
@@ -111,6 +113,32 @@ def test_the_sidecar_records_every_parameter_and_reproduces_the_image(server, fa
     assert again["images"][0]["sha256"] == first["images"][0]["sha256"]
 
 
+def test_the_openai_surface_stores_as_predict_does_and_answers_links(server, fake):
+    import openai
+
+    with openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0) as client:
+        raw = client.images.with_raw_response.generate(prompt=PROMPT, size="256x256", response_format="url",
+                                                        extra_body={"num_inference_steps": 2, "seed": 7})
+    [item] = raw.parse().data
+    request_id = raw.headers["x-request-id"]
+    assert item.url and item.b64_json is None
+    [name] = [name for name in fake.names("images") if name.endswith(f"/{request_id}-0.png")]
+    stored = fake.object("images", name)
+    assert httpx.get(item.url).content == stored.data  # the read-only link, as /predict's `url`
+    assert stored.metadata == {"seed": "7", "steps": "2", "guidance": "7.0", "width": "256", "height": "256",
+                               "model": "tiny", "prompt-sha256": hashlib.sha256(PROMPT.encode()).hexdigest()}
+    record = json.loads(fake.object("images", f"sd3/requests/{request_id}.json").data)
+    assert record["state"] == "done" and record["answer"]["images"][0]["object_name"] == name
+
+
+def test_an_images_metadata_names_its_adapters_by_content(server, fake, adapters):
+    answer = predict(server, {"prompt": PROMPT, "seed": 7, **SMALL, "loras": [{"name": "ink", "scale": 0.6}]})
+    assert answer.status_code == 200, answer.text
+    stored = fake.object("images", answer.json()["images"][0]["object_name"])
+    ink = hashlib.sha256((adapters.catalog / "ink.safetensors").read_bytes()).hexdigest()
+    assert stored.metadata["lora-0"] == f"{ink}:0.6"
+
+
 def test_health_describes_the_bucket(server, fake):
     assert health_store(server) == {
         "kind": "oci", "bucket": "images", "namespace": "tenancyns", "auth": "resource_principal",
@@ -132,6 +160,7 @@ def test_a_burst_of_503_and_429_is_retried_and_the_image_stored(server, fake):
 
 
 def test_an_outage_answers_the_image_inline_and_stores_it_when_the_bucket_is_back(server, fake):
+    before = scrape(server)
     fake.outage(503)
 
     response = predict(server, {"prompt": PROMPT, **SMALL})
@@ -148,6 +177,9 @@ def test_an_outage_answers_the_image_inline_and_stores_it_when_the_bucket_is_bac
     store = health_store(server)
     assert store["state"] == "failing" and store["spooled"] == 3 and "503" in store["error"]
     assert fake.object("images", image["object_name"]) is None
+    during = scrape(server)  # what an operator sees meanwhile
+    assert value(during, "sd3_store_failures_total") > value(before, "sd3_store_failures_total")
+    assert value(during, "sd3_spooled_images") == 3
 
     fake.restore()
 
@@ -156,6 +188,9 @@ def test_an_outage_answers_the_image_inline_and_stores_it_when_the_bucket_is_bac
     assert json.loads(fake.object("images", sidecar).data)["images"][0]["sha256"] == image["sha256"]
     assert json.loads(fake.object("images", record).data)["answer"]["images"][0]["sha256"] == image["sha256"]
     assert server.spool.pending() == [] and health_store(server)["state"] == "ok"
+    assert value(scrape(server), "sd3_spooled_images") == 0
+    timed = {dict(labels)["operation"] for name, labels in during if name == "sd3_ledger_seconds_count"}
+    assert {"create", "replace"} <= timed  # the claims and final records of the requests before, timed
 
     # The client's retry with the same request_id now learns the image is stored, and gets no inline copy.
     again = predict(server, {"prompt": PROMPT, **SMALL, "request_id": response.json()["request_id"]})
