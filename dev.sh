@@ -37,8 +37,8 @@ case "${1:-}" in
     test)
         install -c requirements.lock
         shift
-        say "running the tests: about 6 minutes on 2 cores; the 15 slowest are listed at the end"
-        exec "$VENV/bin/python" -m pytest "$@"
+        say "running the tests on two workers (pytest-xdist, a file each at a time); the 15 slowest are listed at the end"
+        exec "$VENV/bin/python" -m pytest -n 2 --dist loadfile "$@"
         ;;
     image)
         install -c requirements.lock

@@ -3,6 +3,7 @@
     python bench/serving.py            # the full run (about 10-15 minutes on 2 CPU cores)
     python bench/serving.py --quick    # fewer samples
     python bench/serving.py --smoke    # tiny sizes, a few requests: checks the script works (CI)
+    python bench/serving.py --only-openai  # (d) alone
 
 Everything runs on the CPU with the `tiny` model (real SD3 pipeline classes, random weights), against
 the real server (`bentoml serve`, a subprocess on loopback):
@@ -522,6 +523,23 @@ def plot(report: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def measure_openai_only(plan: Plan, args, machine: dict, started: float) -> dict:
+    """(d) alone: the service as shipped (local store, fpng), the same image through both routes."""
+    with tempfile.TemporaryDirectory(prefix="sd3-bench-") as tmp, our_service(Path(tmp) / "service") as server:
+        report = {"benchmark": "serving (d) only", "plan_name": args.plan or "full", "plan": plan.__dict__,
+                  "machine": machine, "openai": measure_openai(server, plan)}
+    row = report["openai"]
+    report["run_seconds"] = round(time.perf_counter() - started, 1)
+    print(f"\n(d) the OpenAI route over /predict, {row['size']}, base64 in JSON, {row['pairs']} interleaved pairs: "
+          f"/predict {row['median_predict_ms']:.0f} ms, OpenAI {row['median_openai_ms']:.0f} ms, added "
+          f"{row['median_added_ms']:.1f} ms per image (target <= {row['target_ms']})")
+    path = args.out_dir / f"{args.name or 'serving-openai'}.json"
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {path}")
+    return report
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     mode = parser.add_mutually_exclusive_group()
@@ -531,6 +549,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--out-dir", type=Path, default=HERE / "results")
     parser.add_argument("--name", default=None, help="result file stem (default serving, or serving-smoke)")
     parser.add_argument("--skip-pillow", action="store_true", help="do not measure the Pillow-encoder server")
+    parser.add_argument("--only-openai", action="store_true", help="measure only (d), the OpenAI route's cost")
     args = parser.parse_args(argv)
     plan_name = args.plan or "full"
     plan = PLANS[plan_name]
@@ -540,6 +559,8 @@ def main(argv=None) -> dict:
     print(machine_line(machine))
     print(f"plan {plan_name}: {plan}")
     started = time.perf_counter()
+    if args.only_openai:
+        return measure_openai_only(plan, args, machine, started)
     reference = InProcess()
     report = {"benchmark": "serving", "plan_name": plan_name, "plan": plan.__dict__, "machine": machine,
               "torch_threads": TORCH_THREADS,

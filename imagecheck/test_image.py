@@ -14,10 +14,8 @@ where Model Deployment mounts it (`buildah run`; podman cannot start containers 
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -26,6 +24,7 @@ import tomllib
 from pathlib import Path
 
 import httpx
+import psutil
 import pytest
 
 from testbed.image import ARTIFACT_MOUNT, IMAGE, ImageBuild, build_image, image_config
@@ -66,6 +65,22 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def stop(server: subprocess.Popen) -> None:
+    """Stop the served image: buildah, and every process under it (BentoML's worker runs in a session of its own,
+    outside buildah's process group)."""
+    tree = psutil.Process(server.pid)
+    processes = [*tree.children(recursive=True), tree]
+    for process in processes:
+        try:
+            process.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(processes, timeout=30)
+    for process in alive:
+        process.kill()
+    psutil.wait_procs(alive, timeout=30)
 
 
 def test_it_runs_as_its_non_root_user(container):
@@ -129,12 +144,7 @@ def test_its_command_serves_health_and_the_sample_predict_with_the_artifact_moun
                          user=config["User"], volumes=mount)
         assert wrote.returncode != 0 and "Read-only file system" in wrote.stderr, wrote.stderr
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
+        stop(server)
         log.close()
     assert {p.relative_to(artifact): p.stat().st_mtime_ns for p in artifact.rglob("*")} == before
 

@@ -1,27 +1,16 @@
-"""The benchmarks still run: bench/gpu_sd3.py in its reduced configuration, bench/serving.py in --smoke mode.
+"""The GPU benchmark still runs: bench/gpu_sd3.py in its reduced configuration on the CPU, and its full-size
+configs count SD3 Medium (fp32 against itself exact).
 
-They check what the scripts report (every request answered and stored, the server's image equal to
-the in-process one, fp32 against itself exact), never how fast anything was.
+They check what the scripts report, never how fast anything was (tests/bench_runner.py runs a script).
 """
 
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
-from pathlib import Path
 
 import torch
-from PIL import Image
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def run(script: str, *args: str, timeout: float) -> str:
-    done = subprocess.run([sys.executable, str(REPO / "bench" / script), *args], cwd=REPO, capture_output=True,
-                          text=True, timeout=timeout)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    return done.stdout
+from bench_runner import REPO, run
 
 
 def test_full_size_configs_count_sd3_mediums_flops_and_parameters(tmp_path):
@@ -33,7 +22,6 @@ def test_full_size_configs_count_sd3_mediums_flops_and_parameters(tmp_path):
     assert 2.0e9 < params["transformer"] < 2.1e9  # "2B" SD3 Medium
     assert 4.7e9 < params["text_encoder_3"] < 4.8e9  # the T5 v1.1 XXL encoder
     assert 0.69e9 < params["text_encoder_2"] < 0.70e9 and 0.12e9 < params["text_encoder"] < 0.13e9
-
 
 def test_full_size_components_fit_together_at_1024():
     # On the meta device (shapes, no memory): the chain a GPU run goes through, text encoders ->
@@ -54,7 +42,6 @@ def test_full_size_components_fit_together_at_1024():
                                  timestep=torch.zeros(2, device=meta), return_dict=False)[0]
         assert noise.shape == (2, 16, 128, 128)
         assert pipe.vae.decode(noise[:1], return_dict=False)[0].shape == (1, 3, 1024, 1024)
-
 
 def test_gpu_benchmark_runs_its_reduced_configuration_over_two_calls_that_resume(tmp_path):
     # The device machine allows 10 minutes a call: a run is split over calls that resume each other. The first call
@@ -89,14 +76,12 @@ def test_gpu_benchmark_runs_its_reduced_configuration_over_two_calls_that_resume
         assert report["skipped"] and all(why == "needs CUDA" and ("compile" in name or "offload" in name)
                                          for name, why in report["skipped"].items())
 
-
 def test_gpu_benchmark_keeps_to_its_time_budget(tmp_path):
     # 15 s of the budget are kept for writing the report: nothing fits in 16 s, and the report says so.
     run("gpu_sd3.py", "--reduced", "--budget-s", "16", "--out", str(tmp_path / "gpu.json"), timeout=120)
     report = json.loads((tmp_path / "gpu.json").read_text())
     assert report["variants"] == []
     assert report["skipped"]["eager fp16"] == "not started: the time budget (--budget-s) was spent"
-
 
 def test_a_variant_over_its_time_is_stopped():
     sys.path.insert(0, str(REPO / "bench"))
@@ -108,49 +93,3 @@ def test_a_variant_over_its_time_is_stopped():
     # Stopped, not waited for: the variant needs ~5 s on a CPU, and a finished one would have a result.
     assert result is None and image is None
     assert failure == "stopped after 1 s: the time budget (--budget-s) ran out"
-
-
-def test_serving_benchmark_smoke(tmp_path):
-    run("serving.py", "--smoke", "--out-dir", str(tmp_path), timeout=400)
-    report = json.loads((tmp_path / "serving-smoke.json").read_text())
-    tax = report["serving_tax"]
-    assert {"service, local store, fpng", "service, local store, Pillow PNG"} <= set(tax)
-    for row in tax.values():
-        assert row["all_stored"] and row["server_image_equals_in_process_image"]
-        assert len(row["end_to_end_ms"]) == len(row["in_process_ms"]) == report["plan"]["samples"]
-        assert set(row["median_stage_ms"]) == {"queue", "generate", "encode", "store"}
-    assert {row["png_encoder"] for row in tax.values()} == {"fpng", "pillow"}
-    if "service, Object Storage (loopback), fpng" in tax:
-        assert tax["service, Object Storage (loopback), fpng"]["example_uri"].startswith("oci://")
-        ledger = report["ledger"]  # a claim and a final record per request, counted by the fake
-        assert ledger["record_call_kinds"] == {"PUT if-none-match": 3, "PUT if-match": 3}
-        assert ledger["record_calls_per_request"] == 2 and ledger["median_record_calls_ms"] > 0
-    openai_row = report["openai"]  # the same image through both routes, in pairs
-    assert openai_row["pairs"] == len(openai_row["openai_ms"]) == len(openai_row["predict_ms"]) == 2
-    assert openai_row["median_openai_ms"] > 0 and openai_row["median_predict_ms"] > 0
-    for system in ("service", "naive"):
-        rows = report["throughput"][system]
-        assert [row["clients"] for row in rows] == report["plan"]["concurrency"]
-        for row in rows:  # nothing lost
-            assert row["ok"] == row["requests"] == row["clients"] * report["plan"]["requests_per_client"]
-            assert row["throughput_per_s"] > 0 and row["p95_ms"] >= row["p50_ms"] > 0
-            assert row["rounds"] == len(row["throughput_per_round"]) == report["plan"]["load_rounds"]
-            assert row["x_in_process_rate"] > 0
-    reference = report["throughput_reference"]["per_level"]  # measured in the same rounds as the servers
-    assert [level["clients"] for level in reference] == report["plan"]["concurrency"]
-    assert all(len(level["in_process_ms"]) == report["plan"]["load_rounds"] * report["plan"]["reference_samples"]
-               for level in reference)
-    with Image.open(tmp_path / "serving-smoke.png") as plot:
-        assert plot.format == "PNG" and plot.width > 500
-
-
-def test_device_pool_benchmark_smoke(tmp_path):
-    out = tmp_path / "pool.json"
-    run("device_pool.py", "--smoke", "--out", str(out), timeout=400)
-    report = json.loads(out.read_text())
-    assert [(r["devices"], r["seconds_per_image"]) for r in report["pool"]] == [(1, 0.2), (2, 0.2)]
-    for result in report["pool"]:
-        assert result["answered_and_stored"] == result["requests"] == 3 * result["devices"]  # nothing lost
-        assert result["statuses"] == [200] and result["images_per_s"] > 0 and result["tax_ms_median"] is not None
-    assert 0 <= report["gil"]["gil_share"] <= 1 and report["module_calls_per_step"]["sd3_medium"] > \
-        report["module_calls_per_step"]["tiny"]
