@@ -3,6 +3,7 @@
 #   bash dev.sh serve   - install, then serve on http://127.0.0.1:3000 (HOST, PORT change it; tiny model on CPU
 #                         and ./outputs unless SD3_MODEL / BUCKET_NAME say otherwise)
 #   bash dev.sh test    - install, then run the whole test suite
+#   bash dev.sh bench   - install, then check that every benchmark of bench/ runs (its small configuration)
 #   bash dev.sh image   - install, then build the container image from the Dockerfile and serve it (root, Debian)
 #   bash dev.sh lock    - after changing a pin in pyproject.toml: install it, then rewrite requirements.lock
 set -euo pipefail
@@ -40,6 +41,12 @@ case "${1:-}" in
         say "running the tests on two workers (pytest-xdist, a file each at a time); the 15 slowest are listed at the end"
         exec "$VENV/bin/python" -m pytest -n 2 --dist loadfile "$@"
         ;;
+    bench)
+        install -c requirements.lock
+        shift
+        say "running each benchmark in its small configuration and checking what it reports (about 3 minutes)"
+        exec "$VENV/bin/python" -m pytest benchcheck -n 2 --dist loadfile -p no:cacheprovider "$@"
+        ;;
     image)
         install -c requirements.lock
         shift
@@ -52,7 +59,8 @@ case "${1:-}" in
         exec "$VENV/bin/python" tools/write_lock.py
         ;;
     *)
-        echo "usage: bash dev.sh serve | bash dev.sh test [pytest args] | bash dev.sh image | bash dev.sh lock" >&2
+        echo "usage: bash dev.sh serve | bash dev.sh test [pytest args] | bash dev.sh bench | bash dev.sh image |" \
+             "bash dev.sh lock" >&2
         exit 2
         ;;
 esac

@@ -437,7 +437,7 @@ def main(argv=None) -> dict | None:
                                            "reference (default: all that the device runs)")
     parser.add_argument("--repeats", type=int, default=None, help="timed generations per variant")
     parser.add_argument("--reduced", action="store_true",
-                        help="the small CPU-check configuration even on a GPU (what tests/test_bench_gpu.py runs)")
+                        help="the small CPU-check configuration even on a GPU (what benchcheck/test_gpu_sd3.py runs)")
     parser.add_argument("--budget-s", type=float, default=None,
                         help="wall-clock seconds for the whole run: a variant still running when they are spent "
                              "is stopped, later ones are not started (the device machine allows 600 s a call)")

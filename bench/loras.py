@@ -2,7 +2,7 @@
 overhead of unfused adapters, each against the plain model measured in the same run.
 
     python bench/loras.py            # 512x512, 10 steps, 7 samples per figure
-    python bench/loras.py --smoke    # small and few: checks the script works (tests/test_bench_loras.py)
+    python bench/loras.py --smoke    # small and few: checks the script works (benchcheck/test_loras.py, `bash dev.sh bench`)
 
 The parts are the service's own, in this process: the LoRA library reading an adapter from a loopback Object
 Storage endpoint (testbed/fakes, signed as a resource principal), checking it against the model and keeping

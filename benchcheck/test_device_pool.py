@@ -1,6 +1,6 @@
 """The device-pool benchmark still runs: bench/device_pool.py in --smoke mode (nothing lost).
 
-They check what the scripts report, never how fast anything was (tests/bench_runner.py runs a script).
+They check what the scripts report, never how fast anything was (benchcheck/bench_runner.py runs a script).
 """
 
 from __future__ import annotations

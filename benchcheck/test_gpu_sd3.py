@@ -1,7 +1,7 @@
 """The GPU benchmark still runs: bench/gpu_sd3.py in its reduced configuration on the CPU, and its full-size
 configs count SD3 Medium (fp32 against itself exact).
 
-They check what the scripts report, never how fast anything was (tests/bench_runner.py runs a script).
+They check what the scripts report, never how fast anything was (benchcheck/bench_runner.py runs a script).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The serving benchmark still runs: bench/serving.py in --smoke mode (every request answered and stored, the
 server's image equal to the in-process one).
 
-They check what the scripts report, never how fast anything was (tests/bench_runner.py runs a script).
+They check what the scripts report, never how fast anything was (benchcheck/bench_runner.py runs a script).
 """
 
 from __future__ import annotations
