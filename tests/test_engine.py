@@ -406,3 +406,36 @@ def test_a_store_that_fails_while_following_anothers_record_still_answers(tiny, 
     assert answer.seed == 4242 and answer.images[0].object_name.startswith("sd3/2026/11/30/followed-")
     assert ledger.records.reads == 2
     engine.shutdown()
+
+
+class RecordsThatHoldTheAnswer(LocalRecords):
+    """Local records whose write of a finished record waits until the test opens a gate (a slow ledger write)."""
+
+    def __init__(self, root):
+        super().__init__(root)
+        self.answering, self.gate = threading.Event(), threading.Event()
+
+    def replace_record(self, name, data, etag):
+        if b'"state": "done"' in data or b'"state":"done"' in data:
+            self.answering.set()
+            assert self.gate.wait(30)
+        return super().replace_record(name, data, etag)
+
+
+def test_a_poll_while_the_answer_is_being_recorded_says_running_not_queued(tiny, tmp_path):
+    records = RecordsThatHoldTheAnswer(tmp_path / "records")
+    ledger = Ledger(records, "sd3/", lease_seconds=30, owner="me")
+    engine = ready(make_engine(tiny, LocalFolderStore(tmp_path), tmp_path, ledger=ledger))
+
+    async def scenario():
+        request = ImageRequest(prompt="a harbour", request_id="recording", wait=False, **SMALL)
+        assert isinstance(await engine.run(request), Pending)
+        await asyncio.get_running_loop().run_in_executor(None, records.answering.wait, 30)
+        polled = await engine.poll("recording")  # generated and stored; its answer is being written
+        records.gate.set()
+        return polled, await engine.run(dataclasses.replace(request, wait=True))
+
+    polled, answered = asyncio.run(scenario())
+    assert (polled.status, polled.position) == ("running", None), polled
+    assert answered.answer.request_id == "recording"
+    engine.shutdown()

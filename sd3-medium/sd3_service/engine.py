@@ -241,7 +241,9 @@ class Engine:
         return self._pending(job)
 
     def _pending(self, job: Job) -> Pending:
-        running = job.state == "running"
+        # Past "queued" it is running until its work ends: generating, then storing and recording its answer (its
+        # state says "done" or "failed" a moment before the work ends and the answer is held).
+        running = job.state != "queued"
         progress = job.progress if running else None
         return Pending(request_id=job.request_id, status="running" if running else "queued",
                        position=None if running else self.pool.position(job.request_id), progress=progress,
