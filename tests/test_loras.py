@@ -101,3 +101,28 @@ def test_two_devices_loading_at_once_get_the_same_weights_as_one_alone(made, mod
     for thread in threads:
         thread.join(60)
     assert [sha(pipe) for pipe in pipes] == [sha(alone)] * 2
+
+
+def test_a_device_sets_adapters_only_when_a_request_asks_for_others_than_the_last(made, modules, tmp_path):
+    from dataclasses import replace
+
+    library = LoraLibrary(made, tmp_path / "cache", modules=lambda: modules)
+    ink, wave = library.resolve((LoraChoice("ink"), LoraChoice("wave")))
+    pipe = build_tiny_pipeline()
+    sets = []
+    set_adapters = pipe.set_adapters
+    pipe.set_adapters = lambda *args, **kwargs: (sets.append(args), set_adapters(*args, **kwargs))  # counts calls
+    device = DeviceLoras(pipe, "cpu (device 0)")
+    device.apply([ink])
+    inked = sha(pipe)
+    device.apply([ink])  # the same adapters at the same scales: nothing to set
+    assert len(sets) == 1 and sha(pipe) == inked
+    device.apply([replace(ink, scale=0.5)])
+    halved = sha(pipe)
+    assert len(sets) == 2 and halved != inked
+    device.apply([wave])  # a load, then back: each is set
+    device.apply([ink])
+    assert len(sets) == 4 and sha(pipe) == inked
+    device.apply([])
+    device.apply([ink])  # after a request without adapters
+    assert len(sets) == 5 and sha(pipe) == inked

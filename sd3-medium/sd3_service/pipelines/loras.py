@@ -56,6 +56,7 @@ class DeviceLoras:
         self.max_loaded = max_loaded
         self.loaded: OrderedDict[str, str] = OrderedDict()  # adapter name -> the name a request gave it
         self._enabled = False
+        self._active: tuple | None = None  # the (names, scales) set last, while still so
 
     def apply(self, adapters: list[ResolvedLora], request_id: str = "") -> None:
         """Make exactly `adapters` active at their scales; none (or scale 0 only): LoRA disabled. Call on the device's
@@ -64,7 +65,7 @@ class DeviceLoras:
         if not active:
             if self._enabled:
                 self.pipe.disable_lora()
-                self._enabled = False
+                self._enabled, self._active = False, None
             return
         names = []
         for adapter in active:
@@ -74,15 +75,19 @@ class DeviceLoras:
             self.loaded.move_to_end(name)
             names.append(name)
         self._unload_beyond_limit(keep=set(names))
+        wanted = (tuple(names), tuple(adapter.scale for adapter in active))
+        if self._enabled and wanted == self._active:  # as the last request: setting them again walks every layer
+            return
         self.pipe.enable_lora()
-        self.pipe.set_adapters(names, adapter_weights=[adapter.scale for adapter in active])
-        self._enabled = True
+        self.pipe.set_adapters(list(wanted[0]), adapter_weights=list(wanted[1]))
+        self._enabled, self._active = True, wanted
 
     def describe(self) -> list[str]:
         """The adapters loaded, most recently used last (as their requests named them)."""
         return list(self.loaded.values())
 
     def _load(self, adapter: ResolvedLora, name: str, request_id: str) -> None:
+        self._active = None  # loading makes the new adapter the active one
         try:
             with LOADING:
                 self.pipe.load_lora_weights(adapter.path, adapter_name=name, low_cpu_mem_usage=False)
@@ -100,6 +105,7 @@ class DeviceLoras:
                      self.loaded.pop(name), self.device, self.max_loaded)
 
     def _forget(self, name: str) -> None:
+        self._active = None
         try:
             with LOADING:
                 self.pipe.delete_adapters(name)
