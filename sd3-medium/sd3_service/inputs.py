@@ -29,6 +29,20 @@ FORMATS = ("PNG", "JPEG", "WEBP")
 MAX_OBJECT_BYTES = 32 * 1024 * 1024  # an oci:// input; a 1536x1536 RGBA PNG stored uncompressed is ~9.5 MB
 
 
+def allowed_object(field: str, uri: str, allowed_buckets: frozenset[str] | set[str], what: str,
+                   setting: str) -> tuple[str, str, str]:
+    """`oci://bucket@namespace/object` as (bucket, namespace, object name), when the bucket is one this service
+    reads `what` from; else a 400 on `field` that names the allowed buckets and the `setting` that lists them."""
+    match = OCI_URI.match(uri)
+    if match is None:
+        raise invalid_field(field, "not an Object Storage URI: use oci://<bucket>@<namespace>/<object name>")
+    bucket = match["bucket"]
+    if bucket not in allowed_buckets:
+        allowed = ", ".join(sorted(allowed_buckets)) or f"none (set {setting})"
+        raise invalid_field(field, f"bucket '{bucket}' is not one this service reads {what} from; allowed: {allowed}")
+    return bucket, match["namespace"], match["name"]
+
+
 class ObjectReader(Protocol):
     def read(self, namespace: str, bucket: str, name: str, max_bytes: int) -> bytes:
         """The object's bytes; `ObjectRefused` when it cannot be read, `StoreError` when the store is down."""
@@ -108,14 +122,8 @@ class InputReader:
                           width=pixels.width, height=pixels.height, format=opened.format, uri=uri)
 
     def _read(self, field: str, uri: str) -> bytes:
-        match = OCI_URI.match(uri)
-        if match is None:
-            raise invalid_field(field, "not an Object Storage URI: use oci://<bucket>@<namespace>/<object name>")
-        bucket, namespace, name = match["bucket"], match["namespace"], match["name"]
-        if bucket not in self.allowed_buckets or self.objects is None:
-            allowed = ", ".join(sorted(self.allowed_buckets)) or "none (set INPUT_BUCKETS or BUCKET_NAME)"
-            raise invalid_field(field, f"bucket '{bucket}' is not one this service reads inputs from; "
-                                       f"allowed: {allowed}")
+        readable = self.allowed_buckets if self.objects is not None else frozenset()
+        bucket, namespace, name = allowed_object(field, uri, readable, "inputs", "INPUT_BUCKETS or BUCKET_NAME")
         try:
             return self.objects.read(namespace, bucket, name, MAX_OBJECT_BYTES)
         except ObjectRefused as exc:

@@ -25,7 +25,8 @@ from pathlib import Path
 from typing import Protocol
 
 from sd3_service.errors import ServiceError, invalid_field
-from sd3_service.spec import OCI_URI, LoraChoice, ResolvedLora
+from sd3_service.inputs import allowed_object
+from sd3_service.spec import LoraChoice, ResolvedLora
 from sd3_service.storage.store import ObjectRefused, StoreError
 
 log = logging.getLogger("sd3.loras")
@@ -122,14 +123,8 @@ class LoraLibrary:
         return path, known[2]
 
     def _fetch(self, field: str, uri: str) -> tuple[Path, str]:
-        match = OCI_URI.match(uri)
-        if match is None:
-            raise invalid_field(field, "not an Object Storage URI: use oci://<bucket>@<namespace>/<object name>")
-        bucket, namespace, name = match["bucket"], match["namespace"], match["name"]
-        if bucket not in self.allowed_buckets or self.objects is None:
-            allowed = ", ".join(sorted(self.allowed_buckets)) or "none (set LORA_BUCKETS)"
-            raise invalid_field(field, f"bucket '{bucket}' is not one this service reads adapters from; "
-                                       f"allowed: {allowed}")
+        readable = self.allowed_buckets if self.objects is not None else frozenset()
+        bucket, namespace, name = allowed_object(field, uri, readable, "adapters", "LORA_BUCKETS")
         with self._lock:
             fetched = self._fetched.get(uri)
         try:

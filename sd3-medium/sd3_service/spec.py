@@ -10,9 +10,9 @@ from __future__ import annotations
 import binascii
 import re
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 MAX_SEED = 2**32 - 1
 MIN_SIDE, MAX_SIDE = 256, 1536  # pixels, for generated images and for input images alike
@@ -115,6 +115,16 @@ class ImageRequest:
 
     def sized(self, width: int, height: int) -> ImageRequest:
         return replace(self, width=width, height=height)
+
+
+def _visible(prompt: str) -> str:
+    if not prompt.strip():
+        raise ValueError("prompt must contain visible text")
+    return prompt
+
+
+Prompt = Annotated[str, Field(min_length=1, max_length=MAX_PROMPT_CHARS), AfterValidator(_visible)]
+"""A prompt as every API surface takes it: 1 to `MAX_PROMPT_CHARS` characters, not only blanks."""
 
 
 class LoraSpec(BaseModel):

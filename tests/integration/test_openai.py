@@ -134,6 +134,7 @@ BAD = {
     "an unknown quality": (lambda c: _generate(c, quality="ultra"), openai.BadRequestError, "quality"),
     "another model": (lambda c: _generate(c, model="dall-e-3"), openai.NotFoundError, "model"),
     "an empty prompt": (lambda c: _generate(c, prompt=""), openai.BadRequestError, "prompt"),
+    "a prompt of blanks": (lambda c: _generate(c, prompt=" \n "), openai.BadRequestError, "prompt"),
     "an unknown field": (lambda c: _generate(c, extra_body={"colour": "red"}), openai.BadRequestError, "colour"),
     "zero steps": (lambda c: _generate(c, extra_body={"num_inference_steps": 0}), openai.BadRequestError,
                    "num_inference_steps"),

@@ -9,6 +9,7 @@ by `STORE_TIMEOUT_SECONDS` so that a request still answers well inside Model Dep
 from __future__ import annotations
 
 import base64
+import contextlib
 import datetime as dt
 import hashlib
 import logging
@@ -204,17 +205,9 @@ class ObjectStorageStore:
         """
         started = time.monotonic()
         where = f"oci://{bucket}@{namespace}/{name}"
-        try:
+        with self._reading(where):
             response = self.client().get_object(namespace, bucket, name,
                                                 retry_strategy=retry_strategy(self.timeout_seconds))
-        except oci.exceptions.ServiceError as exc:
-            if exc.status in (400, 401, 403, 404):
-                raise ObjectRefused(exc.status, f"Object Storage answered {_service_answer(exc)} for {where}"
-                                    + (" (the object does not exist, or the policy does not let this deployment "
-                                       "read it)" if exc.status == 404 else "")) from None
-            raise StoreError(self._explain(exc)) from None
-        except SDK_FAILURES as exc:
-            raise StoreError(self._explain(exc)) from None
         stream = response.data
         try:
             declared = int(response.headers.get("content-length") or 0)
@@ -235,19 +228,25 @@ class ObjectStorageStore:
 
     def etag(self, namespace: str, bucket: str, name: str) -> str:
         """An object's ETag (a HEAD request): whether it changed since it was read. Raises as `read` does."""
-        where = f"oci://{bucket}@{namespace}/{name}"
-        try:
+        with self._reading(f"oci://{bucket}@{namespace}/{name}"):
             response = self.client().head_object(namespace, bucket, name,
                                                  retry_strategy=retry_strategy(self.timeout_seconds))
+        return response.headers.get("etag", "")
+
+    @contextlib.contextmanager
+    def _reading(self, where: str):
+        """Object Storage's answers to a read, as `ObjectRefused` (a no that retrying will not change) or
+        `StoreError` (not reached)."""
+        try:
+            yield
         except oci.exceptions.ServiceError as exc:
             if exc.status in (400, 401, 403, 404):
-                raise ObjectRefused(exc.status, f"Object Storage answered {exc.status} for {where}"
+                raise ObjectRefused(exc.status, f"Object Storage answered {_service_answer(exc)} for {where}"
                                     + (" (the object does not exist, or the policy does not let this deployment "
                                        "read it)" if exc.status == 404 else "")) from None
             raise StoreError(self._explain(exc)) from None
         except SDK_FAILURES as exc:
             raise StoreError(self._explain(exc)) from None
-        return response.headers.get("etag", "")
 
     def get(self, name: str) -> bytes:
         """An object of this store's bucket (an image it stored), at most 64 MB."""

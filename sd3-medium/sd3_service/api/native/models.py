@@ -16,7 +16,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInf
 
 from sd3_service.spec import (DATA_URL, DEFAULT_SIDE, LORAS_DESCRIPTION, MAX_GUIDANCE, MAX_IMAGES, MAX_LORAS,
                               MAX_PROMPT_CHARS, MAX_SEED, MAX_SIDE, MAX_STEPS, MIN_SIDE, OCI_URI, REQUEST_ID, SIDE_STEP,
-                              Answer, ImageRequest, LoraSpec, Pending, base64_payload, decode_base64)
+                              Answer, ImageRequest, LoraSpec, Pending, Prompt, base64_payload, decode_base64)
 
 
 def _image_form(text: str) -> str:
@@ -52,7 +52,7 @@ class ImageParameters(BaseModel):
     # Strict: `true` is not a seed and `"28"` is not a step count; a JSON integer still fills a float field.
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    prompt: str = Field(..., min_length=1, max_length=MAX_PROMPT_CHARS, description="What to draw.")
+    prompt: Prompt = Field(..., description="What to draw.")
     negative_prompt: str | None = Field(None, max_length=MAX_PROMPT_CHARS, description="What to keep out of the image.")
     num_inference_steps: int = Field(28, ge=1, le=MAX_STEPS, description="Denoising steps; more is slower and finer.")
     guidance_scale: float = Field(7.0, ge=0, le=MAX_GUIDANCE, description="How strongly to follow the prompt (CFG).")
@@ -64,13 +64,6 @@ class ImageParameters(BaseModel):
                              "the same image. Null: one made from the request id, so a retry makes the same image.")
     output_format: Literal["png", "jpeg", "webp"] = Field("png", description="Image file format.")
     loras: list[LoraSpec] | None = Field(None, max_length=MAX_LORAS, description=LORAS_DESCRIPTION)
-
-    @field_validator("prompt")
-    @classmethod
-    def _not_blank(cls, prompt: str) -> str:
-        if not prompt.strip():
-            raise ValueError("prompt must contain visible text")
-        return prompt
 
 
 def _mask_needs_image(mask: str | None, info: ValidationInfo) -> str | None:

@@ -15,7 +15,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from sd3_service.spec import (DEFAULT_SIDE, LORAS_DESCRIPTION, MAX_GUIDANCE, MAX_IMAGES, MAX_LORAS, MAX_PROMPT_CHARS,
-                              MAX_SEED, MAX_SIDE, MAX_STEPS, MIN_SIDE, SIDE_STEP, ImageRequest, LoraSpec)
+                              MAX_SEED, MAX_SIDE, MAX_STEPS, MIN_SIDE, SIDE_STEP, ImageRequest, LoraSpec, Prompt)
 
 SERVED_MODEL = "sd3-medium"  # the id `GET /v1/models` lists and `model` may name
 SIZE = re.compile(r"^(?P<width>\d{1,5})x(?P<height>\d{1,5})$")
@@ -47,7 +47,7 @@ class ImageOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    prompt: str = Field(..., min_length=1, max_length=MAX_PROMPT_CHARS, description="What to draw.")
+    prompt: Prompt = Field(..., description="What to draw.")
     model: str | None = Field(None, description=f"`{SERVED_MODEL}` (the one model served), or absent.")
     n: int = Field(1, ge=1, le=MAX_IMAGES, description="How many images to make.")
     size: str | None = Field(None, pattern=r"^(auto|\d{1,5}x\d{1,5})$",
@@ -73,13 +73,6 @@ class ImageOptions(BaseModel):
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="Random seed; the same seed and parameters give "
                                                                   "the same image.")
     loras: list[LoraSpec] | None = Field(None, max_length=MAX_LORAS, description=LORAS_DESCRIPTION)
-
-    @field_validator("prompt")
-    @classmethod
-    def _not_blank(cls, prompt: str) -> str:
-        if not prompt.strip():
-            raise ValueError("prompt must contain visible text")
-        return prompt
 
     @field_validator("size")
     @classmethod
