@@ -19,7 +19,7 @@ from sd3_service.inputs import InputReader
 from sd3_service.jobs.book import JobBook
 from sd3_service.jobs.ledger import Ledger
 from sd3_service.jobs.lifecycle import Lifecycle
-from sd3_service.lora_library import LoraLibrary
+from sd3_service.lora_library import AdapterCache, LoraLibrary
 from sd3_service.pipelines.devices import DevicePool
 from sd3_service.pipelines.loading import LoadedPipeline, LoadedWeights, load_weights, place_pipeline, resolve_devices
 from sd3_service.settings import Settings
@@ -53,8 +53,9 @@ def build_engine(settings: Settings, loaders: ModelLoaders = ModelLoaders()) -> 
     writer = ImageWriter.from_settings(settings)
     reader = object_reader(settings, writer) if settings.allowed_input_buckets | settings.allowed_lora_buckets else None
     inputs = InputReader(settings.allowed_input_buckets, reader)
-    loras = LoraLibrary(settings.lora_catalog, settings.lora_cache_dir, settings.allowed_lora_buckets, reader,
-                        settings.lora_max_bytes, modules=pool.lora_modules)
+    loras = LoraLibrary(settings.lora_catalog, AdapterCache(settings.lora_cache_dir, settings.lora_cache_max_bytes),
+                        settings.allowed_lora_buckets, reader, settings.lora_max_bytes, modules=pool.lora_modules,
+                        loaded=lambda: {sha256 for held in pool.loaded_loras().values() for sha256 in held})
     return assemble(pool, writer, build_ledger(settings, writer), inputs, loras,
                     sync_wait_seconds=settings.sync_wait_seconds, max_jobs=settings.max_jobs,
                     keep_text=settings.store_params, cache_size=settings.idempotency_cache_size,

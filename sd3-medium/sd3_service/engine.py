@@ -1,7 +1,8 @@
 """The engine: one request from admission to answer, in six steps, whichever API surface it came through.
 
     1. admit     a place on the device pool (or 503 not ready, 429 queue full)
-    2. inputs    starting images read, decoded, checked and sized, before any device is touched
+    2. inputs    LoRA adapters found, fetched and checked; starting images read, decoded, checked and sized;
+                 before any device is touched
     3. generate  on the first free device
     4. keep      the input's own pixels outside an inpainting mask
     5. write     encode, name and store the images (or keep them in the spool)
@@ -11,7 +12,8 @@ Around those steps the request's lifecycle (`jobs/lifecycle.py`) answers repeats
 the ledger, follows another instance that owns it, and records how it ended. A caller waits up to
 `SYNC_WAIT_SECONDS` (or not at all, with `wait: false`) and is then answered `Pending`; the work goes on
 as its own task. Steps 2, 4 and 5 run on an I/O thread pool, so a device starts its next generation while
-the previous request's images are still being encoded and stored. The engine knows no HTTP: each API
+the previous request's images are still being encoded and stored; adapters are fetched on the LoRA
+library's own threads, so a large download never holds a lease renewal or an upload. The engine knows no HTTP: each API
 surface turns its `ImageRequest`s into answers in its own format.
 """
 
@@ -127,7 +129,8 @@ class Engine:
         details["store"] = self.writer.describe()
         details["jobs"] = len(self.lifecycle.active())
         if self.loras is not None:
-            details["loras"] = {"catalog": self.loras.describe(), "loaded": self.pool.loaded_loras()}
+            details["loras"] = {"catalog": self.loras.describe(), "loaded": self.pool.loaded_loras(),
+                                "fused": [adapter.describe() for adapter in self.pool.fused_loras()]}
         return Health(status=status, details=details)
 
     def model_name(self) -> str | None:
@@ -144,9 +147,9 @@ class Engine:
             raise not_ready(self.pool.error())
         sync_wait = None if wait_to_end else self.sync_wait_seconds
         request_id = request.request_id or uuid.uuid4().hex
-        adapters = await self._adapters(request)  # identified by content, so a reused id is told apart by them too
-        parameters = recorded_parameters(request, self.keep_text,
-                                         [{"sha256": adapter.sha256, "scale": adapter.scale} for adapter in adapters])
+        if request.loras:
+            self._check_takes_adapters()
+        parameters = recorded_parameters(request, self.keep_text, self._fused())
         job = self.lifecycle.held(request_id, parameters)
         if job is not None:
             request_log(request_id).info("Repeated request_id: answering from this process")
@@ -155,7 +158,7 @@ class Engine:
         # 1. admit: a caller that waits may wait behind MAX_QUEUE requests; one that polls, behind MAX_JOBS
         ticket = self.pool.admit(request_id, None if request.wait else self.lifecycle.max_jobs)
         job = Job(request_id=request_id, request=request, parameters=parameters, seed=seed_for(request, request_id),
-                  day=dt.datetime.now(dt.timezone.utc).strftime("%Y/%m/%d"), adapters=adapters)
+                  day=dt.datetime.now(dt.timezone.utc).strftime("%Y/%m/%d"))
         self.lifecycle.open(job, self._serve(job, ticket))
         return await self._outcome(job, request.wait, sync_wait)
 
@@ -194,11 +197,14 @@ class Engine:
             raise
         finally:
             ticket.release()
+            if self.loras is not None:
+                self.loras.release(job.adapters)  # no longer kept from the cache's eviction for this job
 
     async def _generate(self, job: Job, ticket: Ticket, report: Report) -> Finished:
-        # 2. inputs: read here, inside the job, so a repeat of this id waits for it rather than decoding again
+        # 2. inputs: here, inside the job, so a repeat of this id waits for it rather than downloading or decoding again
         request = job.request
         began = time.perf_counter()
+        job.adapters = await self._adapters(request)
         if request.image is None:
             request, inputs = self.inputs.prepare(request)
         else:
@@ -214,7 +220,7 @@ class Engine:
         # 5. write
         written = await self._in_io(self.writer.write, request, job.request_id, job.seed, images,
                                     self.model_name() or "", inputs, dt.datetime.strptime(job.day, "%Y/%m/%d"),
-                                    [adapter.describe() for adapter in job.adapters])
+                                    self._fused() + [adapter.describe() for adapter in job.adapters])
         # 6. answer: recorded before any caller gets it
         answer = Answer(request_id=job.request_id, seed=job.seed, images=written.images, timings_ms={
             "queue": round(generated.queue_seconds * 1000),
@@ -260,14 +266,21 @@ class Engine:
             seconds *= 1 - progress[0] / max(1, progress[1])
         return max(1, math.ceil(seconds))
 
+    def _check_takes_adapters(self) -> None:
+        if self.loras is None or self.pool.lora_modules() is None:
+            raise invalid_field("loras", "this deployment takes no LoRA adapters (SD3_FUSE_QKV=true fuses the "
+                                         "layers they adapt)")
+
     async def _adapters(self, request: ImageRequest) -> list:
         """The request's LoRA adapters, found, fetched and checked (before any device is touched)."""
         if not request.loras:
             return []
-        if self.loras is None or self.pool.lora_modules() is None:
-            raise invalid_field("loras", "this deployment takes no LoRA adapters (SD3_FUSE_QKV=true fuses the "
-                                         "layers they adapt)")
-        return await self._in_io(self.loras.resolve, request.loras)
+        self._check_takes_adapters()
+        return await self.loras.fetch(request.loras)
+
+    def _fused(self) -> list[dict]:
+        """What records, metadata and sidecars keep of the adapters `LORA_FUSE` fused into the weights."""
+        return [{**adapter.describe(), "fused": True} for adapter in self.pool.fused_loras()]
 
     async def _in_io(self, function, *args):
         return await asyncio.get_running_loop().run_in_executor(self.io, function, *args)
@@ -275,5 +288,7 @@ class Engine:
     def shutdown(self) -> None:
         self.lifecycle.stop()
         self.pool.shutdown()
+        if self.loras is not None:
+            self.loras.shutdown()
         self.io.shutdown(wait=True)
         self.writer.stop()

@@ -3,37 +3,41 @@
 An adapter is named by the catalog's stem (a `<name>.safetensors` file in `LORA_DIR`, shipped in the
 artifact's `loras/` folder) or by `oci://<bucket>@<namespace>/<object>` in one of `LORA_BUCKETS`, read with
 the service's own credentials. A bucket adapter is downloaded once per instance into `LORA_CACHE_DIR`
-(outside the read-only artifact), kept by its content's sha256; later requests only ask the bucket
-whether the object changed (its ETag). Every adapter is checked once per content: a safetensors file no
-larger than `LORA_MAX_BYTES` whose keys are LoRA weights of this model's modules, with their shapes.
-Every refusal is a `ServiceError` naming `loras[i]`: 404 for a name that is not there, 400 for what the
-caller can fix, 503 while Object Storage cannot be reached.
+(outside the read-only artifact), kept by its content's sha256, and the cache holds at most
+`LORA_CACHE_MAX_BYTES`: the least recently used files that no device has loaded go first. Later requests
+only ask the bucket whether the object changed (its ETag). Every adapter is checked once per content, the
+way diffusers reads it (`lora_files.py`). Every refusal is a `ServiceError` naming `loras.<i>`: 404 for a
+name that is not there, 400 for what the caller can fix, 503 while Object Storage cannot be reached.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
-import json
 import logging
 import os
 import re
 import tempfile
 import threading
+import time
+from collections import Counter
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 from sd3_service.errors import ServiceError, invalid_field
 from sd3_service.inputs import allowed_object
+from sd3_service.lora_files import adapter_misfit
 from sd3_service.spec import LoraChoice, ResolvedLora
 from sd3_service.storage.store import ObjectRefused, StoreError
 
 log = logging.getLogger("sd3.loras")
 
 CATALOG_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-LORA_SUFFIXES = (".lora_A.weight", ".lora_B.weight", ".lora_B.bias")
-SAFETENSORS_HEADER_LIMIT = 100 * 1024 * 1024  # the format's own cap on its JSON header
+FETCH_THREADS = 2  # downloads and checks of adapters, apart from the I/O threads that renew leases and store images
+STALE_TEMPORARY_SECONDS = 3600  # a `.tmp-` file this old was left by a process killed while it wrote
 
 
 class AdapterObjects(Protocol):
@@ -52,24 +56,106 @@ class Fetched:
     sha256: str
 
 
+class AdapterCache:
+    """Bucket adapters on local disk by content (`<sha256>.safetensors`), at most `max_bytes` in all.
+
+    Use marks a file recently used (its mtime, so the order survives a restart); past the bound, the least recently
+    used files go first, except those `in_use` names (loaded on a device, or about to be).
+    """
+
+    def __init__(self, folder: Path, max_bytes: int, in_use: Callable[[], set[str]] = set):
+        self.folder = Path(folder)
+        self.max_bytes = max_bytes
+        self.in_use = in_use
+        self._lock = threading.Lock()
+        self._remove_stale_temporaries()
+
+    def path(self, sha256: str) -> Path:
+        return self.folder / f"{sha256}.safetensors"
+
+    def use(self, sha256: str) -> Path | None:
+        """The cached file of this content, marked as just used; None when it is not (or no longer) cached."""
+        path = self.path(sha256)
+        try:
+            os.utime(path)
+        except FileNotFoundError:
+            return None
+        return path
+
+    def keep(self, sha256: str, data: bytes) -> Path:
+        """Write a downloaded adapter (whole, or not at all), then evict down to the bound."""
+        path = self.path(sha256)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        tmp = tempfile.NamedTemporaryFile(dir=self.folder, prefix=".tmp-", delete=False)
+        try:
+            with tmp:
+                tmp.write(data)
+            os.replace(tmp.name, path)
+        except BaseException:
+            Path(tmp.name).unlink(missing_ok=True)  # a full disk leaves nothing half-written behind
+            raise
+        self.evict(keep={sha256})
+        return path
+
+    def evict(self, keep: set[str] = frozenset()) -> list[str]:
+        """Remove the least recently used files beyond `max_bytes` (never those in use or in `keep`); the sha256s
+        of those removed."""
+        with self._lock:
+            files = []
+            for path in self.folder.glob("*.safetensors"):
+                try:
+                    stat = path.stat()
+                except FileNotFoundError:
+                    continue
+                files.append((stat.st_mtime, stat.st_size, path))
+            total = sum(size for _, size, _ in files)
+            if total <= self.max_bytes:
+                return []
+            protected = set(keep) | set(self.in_use())
+            removed = []
+            for _, size, path in sorted(files):  # least recently used first
+                if total <= self.max_bytes:
+                    break
+                if path.stem in protected:
+                    continue
+                path.unlink(missing_ok=True)
+                total -= size
+                removed.append(path.stem)
+            if removed:
+                log.info("Removed %d LoRA adapter(s) from %s, least recently used beyond LORA_CACHE_MAX_BYTES=%d",
+                         len(removed), self.folder, self.max_bytes)
+            return removed
+
+    def _remove_stale_temporaries(self) -> None:
+        for path in self.folder.glob(".tmp-*"):
+            try:
+                if time.time() - path.stat().st_mtime > STALE_TEMPORARY_SECONDS:
+                    path.unlink()
+            except FileNotFoundError:
+                pass
+
+
 class LoraLibrary:
     """Finds, fetches and checks the adapters a request names.
 
     Args:
         catalog: the folder of `<name>.safetensors` adapters (`LORA_DIR`).
-        cache: where bucket adapters are kept, by sha256 (`LORA_CACHE_DIR`).
+        cache: where bucket adapters are kept, by sha256 (`LORA_CACHE_DIR`, bounded by `LORA_CACHE_MAX_BYTES`);
+            needed only with `objects`.
         allowed_buckets: the buckets `oci://` adapters may come from (`LORA_BUCKETS`).
         objects: reads them with the service's own credentials; None when no bucket is allowed.
         max_bytes: the largest adapter file taken (`LORA_MAX_BYTES`).
-        modules: the model's module shapes an adapter must fit, `{"transformer.x.to_q": (in, out)}`; called
-            when first needed (the model is loaded by then).
+        modules: the model's layers an adapter must fit, `{"transformer.x.to_q": (in, out)}`; called when first
+            needed (the model is loaded by then).
+        loaded: the sha256 of every adapter loaded on a device, which the cache keeps.
     """
 
-    def __init__(self, catalog: Path, cache: Path, allowed_buckets: frozenset[str] = frozenset(),
+    def __init__(self, catalog: Path, cache: AdapterCache | None = None, allowed_buckets: frozenset[str] = frozenset(),
                  objects: AdapterObjects | None = None, max_bytes: int = 512 * 1024 * 1024,
-                 modules: Callable[[], dict[str, tuple[int, int]] | None] = lambda: None):
+                 modules: Callable[[], dict[str, tuple[int, int]] | None] = lambda: None,
+                 loaded: Callable[[], set[str]] = set):
         self.catalog = Path(catalog)
-        self.cache = Path(cache)
+        self.cache = cache
         self.allowed_buckets = allowed_buckets
         self.objects = objects
         self.max_bytes = max_bytes
@@ -77,20 +163,50 @@ class LoraLibrary:
         self._fetched: dict[str, Fetched] = {}  # oci:// URI -> what the cache holds for it
         self._checked: dict[str, str | None] = {}  # sha256 -> None (fits) or why it does not
         self._digests: dict[Path, tuple[float, int, str]] = {}  # catalog file -> (mtime, size, sha256)
+        self._pinned: Counter[str] = Counter()  # sha256 -> requests resolved with it and not generated yet
         self._lock = threading.Lock()
+        self._threads = ThreadPoolExecutor(max_workers=FETCH_THREADS, thread_name_prefix="sd3-lora")
+        self._loaded = loaded
+        if cache is not None:
+            cache.in_use = self.in_use
+
+    async def fetch(self, choices: tuple[LoraChoice, ...]) -> list[ResolvedLora]:
+        """`resolve` on the library's own threads; each adapter is kept in the cache until `release`."""
+        return await asyncio.get_running_loop().run_in_executor(self._threads, self.resolve, choices)
+
+    def release(self, adapters: list[ResolvedLora]) -> None:
+        """The request that resolved these has generated (or failed): its files may be evicted again."""
+        with self._lock:
+            self._pinned.subtract(adapter.sha256 for adapter in adapters)
+            self._pinned = +self._pinned
+
+    def in_use(self) -> set[str]:
+        """What the cache must keep: adapters loaded on a device, or resolved for a request not generated yet."""
+        with self._lock:
+            pinned = set(self._pinned)
+        return pinned | set(self._loaded())
+
+    def shutdown(self) -> None:
+        self._threads.shutdown(wait=False, cancel_futures=True)
 
     def resolve(self, choices: tuple[LoraChoice, ...]) -> list[ResolvedLora]:
-        """The adapters as files on this machine, identified by content; `ServiceError` naming `loras[i]`.
+        """The adapters as files on this machine, identified by content; `ServiceError` naming `loras.<i>`.
         Slow the first time an adapter is seen (a download, a check): run off the event loop."""
-        resolved = []
-        for index, choice in enumerate(choices):
-            field = f"loras.{index}"
-            path, sha256 = self._fetch(field, choice.name) if choice.name.startswith("oci://") else \
-                self._from_catalog(field, choice.name)
-            self._check(field, path, sha256)
-            resolved.append(ResolvedLora(name=choice.name, sha256=sha256, scale=choice.scale, path=str(path)))
-        if len({adapter.sha256 for adapter in resolved}) < len(resolved):
-            raise invalid_field("loras", "the same adapter is named twice: name it once, with the scale wanted")
+        resolved: list[ResolvedLora] = []
+        try:
+            for index, choice in enumerate(choices):
+                field = f"loras.{index}"
+                path, sha256 = self._fetch(field, choice.name) if choice.name.startswith("oci://") else \
+                    self._from_catalog(field, choice.name)
+                self._check(field, path, sha256)
+                with self._lock:  # kept from eviction while the next one downloads, and until `release`
+                    self._pinned[sha256] += 1
+                resolved.append(ResolvedLora(name=choice.name, sha256=sha256, scale=choice.scale, path=str(path)))
+            if len({adapter.sha256 for adapter in resolved}) < len(resolved):
+                raise invalid_field("loras", "the same adapter is named twice: name it once, with the scale wanted")
+        except BaseException:
+            self.release(resolved)
+            raise
         return resolved
 
     def describe(self) -> list[dict]:
@@ -129,8 +245,8 @@ class LoraLibrary:
             fetched = self._fetched.get(uri)
         try:
             etag = self.objects.etag(namespace, bucket, name)
-            if fetched is not None and fetched.etag == etag and self._cached(fetched.sha256).is_file():
-                return self._cached(fetched.sha256), fetched.sha256
+            if fetched is not None and fetched.etag == etag and (path := self.cache.use(fetched.sha256)):
+                return path, fetched.sha256
             data = self.objects.read(namespace, bucket, name, self.max_bytes)
         except ObjectRefused as exc:
             if exc.status == 404:
@@ -139,29 +255,20 @@ class LoraLibrary:
                 raise invalid_field(field, f"the adapter is over {self.max_bytes} bytes (LORA_MAX_BYTES)") from None
             raise invalid_field(field, f"cannot read {uri}: {exc}") from None
         except StoreError as exc:
-            if fetched is not None and self._cached(fetched.sha256).is_file():
+            if fetched is not None and (path := self.cache.use(fetched.sha256)):
                 log.warning("Cannot ask Object Storage whether %s changed (%s): using the copy fetched before",
                             uri, exc)
-                return self._cached(fetched.sha256), fetched.sha256
+                return path, fetched.sha256
             raise ServiceError(503, "lora_unavailable", f"{field}: cannot read {uri} now: {exc}", field=field,
                                retry_after=10) from None
         sha256 = hashlib.sha256(data).hexdigest()
-        path = self._cached(sha256)
-        if not path.is_file():
-            self._keep(path, data)
+        path = self.cache.use(sha256)
+        if path is None:
+            path = self.cache.keep(sha256, data)
             log.info("Fetched LoRA adapter %s (%d bytes, sha256 %s)", uri, len(data), sha256[:16])
         with self._lock:
             self._fetched[uri] = Fetched(etag=etag, sha256=sha256)
         return path, sha256
-
-    def _cached(self, sha256: str) -> Path:
-        return self.cache / f"{sha256}.safetensors"
-
-    def _keep(self, path: Path, data: bytes) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=".tmp-", delete=False) as tmp:
-            tmp.write(data)
-        os.replace(tmp.name, path)
 
     # -- checking
 
@@ -169,77 +276,15 @@ class LoraLibrary:
         with self._lock:
             known = self._checked.get(sha256, "unchecked")
         if known == "unchecked":
-            known = self._misfit(path)
+            modules = self.modules()
+            if modules is None:
+                raise ServiceError(503, "not_ready", "the model is still loading; adapters are checked against it",
+                                   retry_after=10)
+            known = adapter_misfit(path, modules)
             with self._lock:
                 self._checked[sha256] = known
         if known is not None:
             raise invalid_field(field, known)
-
-    def _misfit(self, path: Path) -> str | None:
-        """Why the file is not a LoRA adapter of this model, or None when it fits."""
-        try:
-            shapes = safetensors_shapes(path)
-        except ValueError as exc:
-            return f"not a safetensors file: {exc}"
-        modules = self.modules()
-        if modules is None:
-            raise ServiceError(503, "not_ready", "the model is still loading; adapters are checked against it",
-                               retry_after=10)
-        return lora_misfit(shapes, modules)
-
-
-def lora_misfit(shapes: dict[str, list[int]], modules: dict[str, tuple[int, int]]) -> str | None:
-    """Why LoRA weights of these shapes do not fit these modules (in, out features), or None when they do.
-
-    The keys are diffusers' (`transformer.<module>.lora_A.weight` of shape [rank, in], `...lora_B.weight` of
-    shape [out, rank]), as `save_lora_weights` writes them and diffusers' SD3 DreamBooth LoRA script trains them.
-    """
-    if not shapes:
-        return "the file holds no weights"
-    targets: dict[str, dict[str, list[int]]] = {}
-    for key, shape in shapes.items():
-        suffix = next((suffix for suffix in LORA_SUFFIXES if key.endswith(suffix)), None)
-        if suffix is None:
-            return (f"not a LoRA adapter of this model: '{key}' is not a LoRA weight in diffusers' names "
-                    "(`transformer.<module>.lora_A.weight`)")
-        targets.setdefault(key[: -len(suffix)], {})[suffix] = shape
-    for module, parts in sorted(targets.items()):
-        if module not in modules:
-            return (f"not a LoRA adapter of this model: it adapts '{module}', which Stable Diffusion 3 Medium does "
-                    "not have (an adapter for another model, such as SDXL or Flux?)")
-        if set(parts) < {".lora_A.weight", ".lora_B.weight"}:
-            return f"'{module}' has only part of a LoRA pair (lora_A and lora_B)"
-        in_features, out_features = modules[module]
-        down, up = parts[".lora_A.weight"], parts[".lora_B.weight"]
-        if len(down) != 2 or len(up) != 2 or down[1] != in_features or up[0] != out_features or down[0] != up[1]:
-            return (f"not a LoRA adapter of this model: '{module}' is {in_features} -> {out_features} features, "
-                    f"the adapter's weights are {down} and {up} (an adapter for another model?)")
-    return None
-
-
-def safetensors_shapes(path: Path) -> dict[str, list[int]]:
-    """Each tensor's shape, from a safetensors file's header (no tensor is read); `ValueError` if it is not one."""
-    with path.open("rb") as file:
-        prefix = file.read(8)
-        if len(prefix) != 8:
-            raise ValueError("too short")
-        size = int.from_bytes(prefix, "little")
-        if not 2 <= size <= SAFETENSORS_HEADER_LIMIT or size > path.stat().st_size - 8:
-            raise ValueError("no safetensors header")
-        try:
-            header = json.loads(file.read(size))
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            raise ValueError("its header is not JSON") from None
-    if not isinstance(header, dict):
-        raise ValueError("its header is not a table of tensors")
-    shapes = {}
-    for key, entry in header.items():
-        if key == "__metadata__":
-            continue
-        if not isinstance(entry, dict) or not isinstance(entry.get("shape"), list):
-            raise ValueError(f"'{key}' has no shape")
-        shapes[key] = entry["shape"]
-    return shapes
 
 
 def _file_sha256(path: Path) -> str:

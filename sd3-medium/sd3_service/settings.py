@@ -8,6 +8,8 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from sd3_service.spec import MAX_LORA_SCALE, LoraChoice
+
 # The folder this file is in: the model artifact, read-only inside OCI Model Deployment.
 ARTIFACT_DIR = Path(__file__).resolve().parent.parent
 
@@ -59,6 +61,12 @@ class Settings(BaseSettings):
                                  "used beyond are unloaded")
     lora_cache_dir: Path = Field(Path("/var/tmp/sd3-medium/loras"), description="where adapters read from a bucket "
                                  "are kept, by content (outside the read-only artifact)")
+    lora_cache_max_bytes: int = Field(4 * 1024**3, ge=1, description="the most LORA_CACHE_DIR holds; past it the "
+                                      "least recently used adapters no device has loaded are removed")
+    lora_fuse: str | None = Field(
+        None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}:-?[0-9.]+(,[A-Za-z0-9][A-Za-z0-9._-]{0,127}:-?[0-9.]+)*$",
+        description="comma list of `name:scale` adapters of the catalog fused into every device's weights at load "
+                    "(a few-step adapter: the fast mode); per-request adapters still apply on top")
     image_dir: Path = Field(Path("./outputs"), description="where images go when BUCKET_NAME is unset; a relative "
                             "path that would fall inside the artifact (`sd3-medium/`) is taken beside it instead")
     spool_dir: Path = Field(Path("/var/tmp/sd3-medium/spool"),
@@ -97,10 +105,32 @@ class Settings(BaseSettings):
         return self.lora_dir if self.lora_dir is not None else ARTIFACT_DIR / "loras"
 
     @property
+    def fused_loras(self) -> tuple[LoraChoice, ...]:
+        """LORA_FUSE as the adapters to fuse, in its order."""
+        choices = []
+        for item in (self.lora_fuse or "").split(",") if self.lora_fuse else ():
+            name, scale = item.rsplit(":", 1)
+            choices.append(LoraChoice(name, float(scale)))
+        return tuple(choices)
+
+    @property
     def allowed_lora_buckets(self) -> frozenset[str]:
         if self.lora_buckets is not None:
             return frozenset(self.lora_buckets.split(","))
         return self.allowed_input_buckets
+
+    @field_validator("lora_fuse")
+    @classmethod
+    def _fuse_scales(cls, fuse: str | None) -> str | None:
+        for item in (fuse or "").split(",") if fuse else ():
+            name, scale = item.rsplit(":", 1)
+            try:
+                value = float(scale)
+            except ValueError:
+                raise ValueError(f"LORA_FUSE: '{item}' needs a number after the colon") from None
+            if not -MAX_LORA_SCALE <= value <= MAX_LORA_SCALE:
+                raise ValueError(f"LORA_FUSE: '{name}' at {scale}; scales are -{MAX_LORA_SCALE} to {MAX_LORA_SCALE}")
+        return fuse
 
     @field_validator("model_deploy_predict_endpoint", "model_deploy_health_endpoint")
     @classmethod

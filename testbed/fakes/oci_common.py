@@ -281,7 +281,8 @@ class Fault:
     """Something going wrong on the next `count` matching requests (`count=None`: until cleared).
 
     kind: "status" answers `status` with `code`; "delay" waits `seconds` and then answers normally;
-    "drop" reads the request and closes the connection without an answer.
+    "drop" reads the request and closes the connection without an answer; "hold" waits until `release()`
+    (a gate: `held` is set once a request waits there), then answers normally.
     """
 
     kind: str
@@ -292,6 +293,12 @@ class Fault:
     retry_after: int | None = None
     when: Callable[[Request], bool] | None = None
     hits: int = 0
+    held: threading.Event = field(default_factory=threading.Event)
+    gate: threading.Event = field(default_factory=threading.Event)
+
+    def release(self) -> None:
+        """Let every request held by this fault (and any later one) be answered."""
+        self.gate.set()
 
 
 class OCIFakeServer:
@@ -368,6 +375,10 @@ class OCIFakeServer:
         """Answer the next `count` matching requests only after `seconds`."""
         return self.inject(Fault("delay", count, seconds=seconds, when=when))
 
+    def hold_next(self, count: int, when: Callable[[Request], bool] | None = None) -> Fault:
+        """Hold the next `count` matching requests until the fault's `release()` (a gate, not a sleep)."""
+        return self.inject(Fault("hold", count, when=when))
+
     def drop_next(self, count: int = 1, when: Callable[[Request], bool] | None = None) -> Fault:
         """Close the connection of the next `count` matching requests without answering."""
         return self.inject(Fault("drop", count, when=when))
@@ -427,6 +438,9 @@ class OCIFakeServer:
             return None
         if fault is not None and fault.kind == "delay":
             time.sleep(fault.seconds)
+        if fault is not None and fault.kind == "hold":
+            fault.held.set()
+            fault.gate.wait(120)
         if fault is not None and fault.kind == "status":
             headers = {"retry-after": str(fault.retry_after)} if fault.retry_after is not None else {}
             return error_reply(fault.status, fault.code, f"injected fault: {fault.code}", headers)

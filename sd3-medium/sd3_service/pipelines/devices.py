@@ -20,7 +20,7 @@ from typing import Any, Protocol
 
 from sd3_service.errors import not_ready, queue_full
 from sd3_service.metrics import METRICS
-from sd3_service.pipelines.generation import generate_images, generation_arguments
+from sd3_service.pipelines.generation import generate_images, generation_arguments, is_device_failure
 from sd3_service.pipelines.loading import LoadedPipeline, LoadedWeights
 from sd3_service.spec import NO_INPUTS, ImageRequest, Inputs, ResolvedLora
 
@@ -106,16 +106,6 @@ class _Job:
     watcher: Watcher | None = None
     adapters: list[ResolvedLora] = field(default_factory=list)
     admitted: float = field(default_factory=time.perf_counter)
-
-
-def is_device_failure(exc: BaseException) -> bool:
-    """Whether an error means the device itself is gone (a CUDA error), not just this request (say, out of memory)."""
-    import torch
-
-    if isinstance(exc, torch.OutOfMemoryError):
-        return False
-    accelerator_error = getattr(torch, "AcceleratorError", ())
-    return isinstance(exc, accelerator_error) or "CUDA error" in str(exc)
 
 
 class DevicePool:
@@ -296,9 +286,16 @@ class DevicePool:
         return None
 
     def loaded_loras(self) -> dict[str, list[str]]:
-        """Each device's loaded adapters, for /health."""
+        """The sha256 of each device's loaded adapters, for /health."""
         return {device.metric_label: device.pipeline.loras.describe() for device in self.devices
                 if device.pipeline is not None and device.pipeline.loras is not None}
+
+    def fused_loras(self) -> list[ResolvedLora]:
+        """The adapters `LORA_FUSE` fused into every device's weights, once one is placed."""
+        for device in self.devices:
+            if device.pipeline is not None:
+                return device.pipeline.fused
+        return []
 
     def retry_after(self) -> int:
         """Seconds until a slot is likely free: one of the running generations ends within that."""

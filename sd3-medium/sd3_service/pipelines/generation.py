@@ -73,3 +73,13 @@ def at_least_one_step(strength: float, steps: int) -> float:
     """`strength`, or the least one that repaints one step where it would repaint none (the pipelines run the
     last `steps - int(steps - steps * strength)` steps, and refuse to run zero)."""
     return strength if steps - int(max(steps - steps * strength, 0)) >= 1 else 1 / steps
+
+
+def is_device_failure(exc: BaseException) -> bool:
+    """Whether an error means the device itself is gone (a CUDA error), not just this request (say, out of memory)."""
+    import torch
+
+    if isinstance(exc, torch.OutOfMemoryError):
+        return False
+    accelerator_error = getattr(torch, "AcceleratorError", ())
+    return isinstance(exc, accelerator_error) or "CUDA error" in str(exc)

@@ -6,13 +6,15 @@ The weights are read from disk once (`load_weights`), then placed on each device
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sd3_service.pipelines.loras import DeviceLoras, lora_modules
+from sd3_service.errors import ServiceError
+from sd3_service.pipelines.loras import DeviceLoras, fuse_adapters, lora_modules
 from sd3_service.pipelines.weights import warn_if_hub_download
 from sd3_service.settings import ARTIFACT_DIR, Settings
+from sd3_service.spec import ResolvedLora
 
 log = logging.getLogger("sd3.model")
 
@@ -42,6 +44,7 @@ class LoadedPipeline:
     inpaint: Any = None
     loras: DeviceLoras | None = None
     lora_modules: dict[str, tuple[int, int]] | None = None
+    fused: list[ResolvedLora] = field(default_factory=list)  # LORA_FUSE's adapters, in its weights
 
     def for_mode(self, mode: str):
         """The pipeline for a request's `mode`: `txt2img`, `img2img` or `inpaint`."""
@@ -122,6 +125,7 @@ class LoadedWeights:
     pipe: Any
     source: ModelSource
     dtype: str
+    fused: list[ResolvedLora] = field(default_factory=list)  # LORA_FUSE's adapters, fused into `pipe`
 
 
 def load_weights(settings: Settings, devices: list[str]) -> LoadedWeights:
@@ -154,7 +158,23 @@ def load_weights(settings: Settings, devices: list[str]) -> LoadedWeights:
                                                         **without_t5)  # without T5, its weights are never read
     if not settings.sd3_t5:
         log.info("SD3_T5=false: the pipeline feeds zeros in place of T5's text states")
-    return LoadedWeights(pipe=pipe, source=source, dtype=dtype)
+    fused = catalog_adapters_to_fuse(pipe, settings)
+    fuse_adapters(pipe, fused)  # once, here: every device's copy has them, before its warm-up
+    return LoadedWeights(pipe=pipe, source=source, dtype=dtype, fused=fused)
+
+
+def catalog_adapters_to_fuse(pipe, settings: Settings) -> list[ResolvedLora]:
+    """`LORA_FUSE`'s adapters, found in the catalog and checked against the model like a request's."""
+    if not settings.fused_loras:
+        return []
+    from sd3_service.lora_library import LoraLibrary
+
+    modules = lora_modules(pipe)
+    library = LoraLibrary(settings.lora_catalog, max_bytes=settings.lora_max_bytes, modules=lambda: modules)
+    try:
+        return library.resolve(settings.fused_loras)
+    except ServiceError as exc:
+        raise RuntimeError(f"LORA_FUSE={settings.lora_fuse}: {exc.message}") from None
 
 
 def place_pipeline(weights: LoadedWeights, device: str, settings: Settings, copy: bool = True) -> LoadedPipeline:
@@ -196,7 +216,7 @@ def place_pipeline(weights: LoadedWeights, device: str, settings: Settings, copy
     log.info("Pipeline on %s: T5 %s, offload %s, fused QKV %s, compiled %s", device, settings.sd3_t5,
              settings.sd3_offload, settings.sd3_fuse_qkv, settings.sd3_compile)
     return LoadedPipeline(pipe=pipe, source=weights.source, device=device, dtype=weights.dtype,
-                          img2img=img2img, inpaint=inpaint, loras=loras, lora_modules=modules)
+                          img2img=img2img, inpaint=inpaint, loras=loras, lora_modules=modules, fused=weights.fused)
 
 
 def load_pipeline(settings: Settings, device: str | None = None) -> LoadedPipeline:

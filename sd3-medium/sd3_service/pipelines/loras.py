@@ -1,4 +1,5 @@
-"""The LoRA adapters loaded on one device: loaded once, kept up to `LORA_MAX_LOADED`, set per request.
+"""The LoRA adapters on one device: loaded once, kept up to `LORA_MAX_LOADED`, set per request; and those that
+`LORA_FUSE` fuses into the weights once, at load.
 
 Each adapter is loaded into the device's pipeline under a name made from its content's sha256 (so the same
 file named two ways is one adapter), on the device's own worker thread, and unloaded when it is the least
@@ -12,6 +13,9 @@ import logging
 import threading
 from collections import OrderedDict
 
+from sd3_service.errors import invalid_field
+from sd3_service.lora_files import COMPONENTS
+from sd3_service.pipelines.generation import is_device_failure
 from sd3_service.spec import ResolvedLora
 
 log = logging.getLogger("sd3.loras")
@@ -31,7 +35,7 @@ def lora_modules(pipe) -> dict[str, tuple[int, int]]:
     import torch
 
     modules = {}
-    for component in ("transformer", "text_encoder", "text_encoder_2"):
+    for component in COMPONENTS:
         module = getattr(pipe, component, None)
         if module is None:
             continue
@@ -71,7 +75,7 @@ class DeviceLoras:
         for adapter in active:
             name = adapter_name(adapter.sha256)
             if name not in self.loaded:
-                self._load(adapter, name, request_id)
+                self._load(adapter, name, request_id, field=f"loras.{adapters.index(adapter)}")
             self.loaded.move_to_end(name)
             names.append(name)
         self._unload_beyond_limit(keep=set(names))
@@ -83,26 +87,31 @@ class DeviceLoras:
         self._enabled, self._active = True, wanted
 
     def describe(self) -> list[str]:
-        """The adapters loaded, most recently used last (as their requests named them)."""
+        """The sha256 of each adapter loaded, most recently used last (never the name a caller gave it)."""
         return list(self.loaded.values())
 
-    def _load(self, adapter: ResolvedLora, name: str, request_id: str) -> None:
+    def _load(self, adapter: ResolvedLora, name: str, request_id: str, field: str) -> None:
         self._active = None  # loading makes the new adapter the active one
         try:
             with LOADING:
                 self.pipe.load_lora_weights(adapter.path, adapter_name=name, low_cpu_mem_usage=False)
-        except BaseException:
+        except BaseException as exc:
             self._forget(name)  # nothing half-loaded stays behind for the next request
+            if isinstance(exc, Exception) and not is_device_failure(exc):  # the file's fault: this request's 4xx
+                log.warning("[%s] diffusers could not load LoRA %s (sha256 %s): %s: %s", request_id, adapter.name,
+                            adapter.sha256[:16], type(exc).__name__, exc)
+                raise invalid_field(field, f"diffusers could not load this adapter: {type(exc).__name__}: "
+                                           f"{_first_line(exc)}") from exc
             raise
-        self.loaded[name] = adapter.name
+        self.loaded[name] = adapter.sha256
         log.info("[%s] Loaded LoRA %s (sha256 %s) on %s", request_id, adapter.name, adapter.sha256[:16], self.device)
 
     def _unload_beyond_limit(self, keep: set[str]) -> None:
         surplus = max(0, len(self.loaded) - self.max_loaded)
         for name in [name for name in self.loaded if name not in keep][:surplus]:  # least recently used first
             self._forget(name)
-            log.info("Unloaded LoRA %s from %s (least recently used beyond LORA_MAX_LOADED=%d)",
-                     self.loaded.pop(name), self.device, self.max_loaded)
+            log.info("Unloaded LoRA sha256 %s from %s (least recently used beyond LORA_MAX_LOADED=%d)",
+                     self.loaded.pop(name)[:16], self.device, self.max_loaded)
 
     def _forget(self, name: str) -> None:
         self._active = None
@@ -111,3 +120,20 @@ class DeviceLoras:
                 self.pipe.delete_adapters(name)
         except (ValueError, KeyError):
             pass  # it never got as far as being registered
+
+
+def fuse_adapters(pipe, adapters: list[ResolvedLora]) -> None:
+    """Fuse each adapter into the pipeline's weights at its scale (`LORA_FUSE`), leaving no adapter layer behind:
+    generations then cost what they cost without adapters, and per-request adapters still apply on top."""
+    for adapter in adapters:
+        name = "fused_" + adapter_name(adapter.sha256)
+        with LOADING:
+            pipe.load_lora_weights(adapter.path, adapter_name=name, low_cpu_mem_usage=False)
+            pipe.fuse_lora(components=list(COMPONENTS), lora_scale=adapter.scale, adapter_names=[name])
+            pipe.unload_lora_weights()  # the fused weights stay; the adapter's own layers go
+        log.info("Fused LoRA %s (sha256 %s) at scale %s into the weights", adapter.name, adapter.sha256[:16],
+                 adapter.scale)
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [""])[0][:300]

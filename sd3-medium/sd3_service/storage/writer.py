@@ -170,6 +170,9 @@ def image_metadata(request: ImageRequest, seed: int, model: str, inputs: Inputs 
         metadata.update({"mask-sha256": inputs.mask.sha256, "mask-bytes": str(inputs.mask.bytes)})
     if request.user is not None:
         metadata["user-sha256"] = hashlib.sha256(request.user.encode()).hexdigest()
-    for index, adapter in enumerate(adapters or []):
+    fused = [adapter for adapter in adapters or () if adapter.get("fused")]
+    for index, adapter in enumerate(fused):
+        metadata[f"lora-fused-{index}"] = f"{adapter['sha256']}:{adapter['scale']}"
+    for index, adapter in enumerate(adapter for adapter in adapters or () if not adapter.get("fused")):
         metadata[f"lora-{index}"] = f"{adapter['sha256']}:{adapter['scale']}"
     return metadata

@@ -166,6 +166,9 @@ def _json_field(name: str, text: str):
         raise invalid_field(name, "not JSON: send a list such as [{\"name\": \"ink\", \"scale\": 0.8}]") from None
 
 
+LORA_FORM_PART = re.compile(r"^loras\[(\d{0,2})\]\[(\w+)\]$")
+
+
 async def _edit_form(request: Request) -> tuple[EditForm, bytes, bytes | None]:
     """The edit's form: its one image, its mask (if any), and its fields as `EditForm`."""
     try:
@@ -174,23 +177,27 @@ async def _edit_form(request: Request) -> tuple[EditForm, bytes, bytes | None]:
         raise ServiceError(400, "malformed_form", f"the body is not a multipart form: {exc}", field="body") from None
     images = form.getlist("image") + form.getlist("image[]")
     fields: dict = {}
-    loras: list[dict] = []
+    numbered: dict[int, dict] = {}  # loras[0][name], loras[0][scale]: grouped by their number, in any order
+    unnumbered: list[dict] = []  # the SDK's `extra_body={"loras": [...]}`: loras[][name], loras[][scale], ...
     for name, value in form.multi_items():
         if name in ("image", "image[]", "mask"):
             continue
         if isinstance(value, UploadFile):
             raise invalid_field(name, "must be a form field, not a file")
-        if name.startswith("loras[]["):  # the SDK's `extra_body={"loras": [...]}`: loras[][name], loras[][scale], ...
-            key = name.removeprefix("loras[][").removesuffix("]")
-            if key == "name" or not loras:
-                loras.append({})
-            loras[-1][key] = value
+        if part := LORA_FORM_PART.match(name):
+            number, key = part.groups()
+            if number:
+                numbered.setdefault(int(number), {})[key] = value
+            else:
+                if not unnumbered or key in unnumbered[-1]:  # a part seen already starts the next adapter
+                    unnumbered.append({})
+                unnumbered[-1][key] = value
         elif name == "loras":  # or the list as JSON text, as curl -F sends it
             fields[name] = _json_field(name, value)
         else:
             fields[name] = value
-    if loras:
-        fields["loras"] = loras
+    if numbered or unnumbered:
+        fields["loras"] = [numbered[number] for number in sorted(numbered)] + unnumbered
     problems: list[Problem] = []
     if not images:
         problems.append(Problem("image", "'image' is required: the image to edit, as a file"))
