@@ -52,11 +52,13 @@ class ServiceError(Exception):
 
     def to_record(self) -> dict:
         """What a request's record keeps of it (no `problems`: the message names them all)."""
-        return {"status": self.status, "code": self.code, "message": self.message, "field": self.field}
+        kept = {"status": self.status, "code": self.code, "message": self.message, "field": self.field}
+        return kept if self.retry_after is None else {**kept, "retry_after": self.retry_after}
 
     @classmethod
     def from_record(cls, recorded: dict) -> ServiceError:
-        return cls(recorded["status"], recorded["code"], recorded["message"], recorded.get("field"))
+        return cls(recorded["status"], recorded["code"], recorded["message"], recorded.get("field"),
+                   recorded.get("retry_after"))
 
 
 def invalid_input(problems: list[Problem], allowed: list[str] | None = None) -> ServiceError:

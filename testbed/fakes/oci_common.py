@@ -375,8 +375,9 @@ class OCIFakeServer:
         """Answer the next `count` matching requests only after `seconds`."""
         return self.inject(Fault("delay", count, seconds=seconds, when=when))
 
-    def hold_next(self, count: int, when: Callable[[Request], bool] | None = None) -> Fault:
-        """Hold the next `count` matching requests until the fault's `release()` (a gate, not a sleep)."""
+    def hold_next(self, count: int | None, when: Callable[[Request], bool] | None = None) -> Fault:
+        """Hold the next `count` matching requests (None: every one) until the fault's `release()` (a gate, not a
+        sleep); a client that times out and retries meanwhile is held again."""
         return self.inject(Fault("hold", count, when=when))
 
     def drop_next(self, count: int = 1, when: Callable[[Request], bool] | None = None) -> Fault:

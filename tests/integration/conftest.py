@@ -26,14 +26,18 @@ class Adapters:
 
 @pytest.fixture(scope="session")
 def adapters(tmp_path_factory) -> Adapters:
-    """Small LoRA adapters of the tiny model, made with peft: `ink` and `wave` in a catalog, `cloud` in a bucket
-    (`oci://adapters@tenancyns/styles/cloud.safetensors`) the service reads as its resource principal."""
+    """Small LoRA adapters of the tiny model, made with peft and saved by diffusers: `ink` and `wave` in a catalog;
+    in a bucket the service reads as its resource principal (`oci://adapters@tenancyns/styles/...`), `cloud`,
+    `ink-old` (ink's weights under diffusers' older names) and `prose` (adapting the text encoders too)."""
     folder = tmp_path_factory.mktemp("loras")
     make_adapter(folder / "catalog" / "ink.safetensors", seed=1)
     make_adapter(folder / "catalog" / "wave.safetensors", seed=2)
     cloud = make_adapter(folder / "cloud.safetensors", seed=3)
     with FakeObjectStorage(namespace="tenancyns", buckets=("adapters", "elsewhere")) as bucket:
         bucket.add_object("adapters", "styles/cloud.safetensors", cloud.read_bytes())
+        for name, made in (("ink-old", make_adapter(folder / "ink-old.safetensors", seed=1, form="diffusers-old")),
+                           ("prose", make_adapter(folder / "prose.safetensors", seed=4, text_encoders=True))):
+            bucket.add_object("adapters", f"styles/{name}.safetensors", made.read_bytes())
         principal = bucket.trust(oci_common.resource_principal(folder / "rp"))
         env = {**principal.env, "LORA_DIR": str(folder / "catalog"), "LORA_BUCKETS": "adapters",
                "OCI_OBJECT_STORAGE_ENDPOINT": bucket.endpoint, "NAMESPACE": "tenancyns",
@@ -53,9 +57,11 @@ def server(tmp_path_factory) -> Server:
 def pool(tmp_path_factory, adapters) -> Server:
     """A server with two devices (`SD3_DEVICE=cpu,cpu`, two tiny pipelines, one shared queue), shared by the pool,
     metrics, LoRA and OpenAI retry tests; it answers a waiting caller after 5 s (`SYNC_WAIT_SECONDS`), logs JSON,
-    keeps a parameters sidecar beside each image, and takes the `adapters`."""
+    keeps a parameters sidecar beside each image, renews a lease every second (`LEASE_SECONDS=3`), and takes the
+    `adapters`."""
     tmp = tmp_path_factory.mktemp("pool")
     running = start_server(tmp, {"SD3_DEVICE": "cpu,cpu", "SYNC_WAIT_SECONDS": "5", "LOG_FORMAT": "json",
+                                 "LEASE_SECONDS": "3",
                                  "STORE_PARAMS": "true", "LORA_CACHE_DIR": str(tmp / "lora-cache"), **adapters.env},
                            gates=True)
     yield running

@@ -2,21 +2,28 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import re
+import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 
+import httpx
+import numpy as np
 import openai
 import pytest
+from PIL import Image
 
+from image_samples import file_bytes, noise
 from integration.conftest import LORA_MAX_BYTES
 from integration.test_service import file_of
-from testbed.loras import sdxl_like, wider_model
+from testbed.loras import sdxl_like, wider_model, with_bad_config
 
 CLOUD = "oci://adapters@tenancyns/styles/cloud.safetensors"
 BODY = {"prompt": "a harbour at dawn", "seed": 11, "width": 256, "height": 256, "num_inference_steps": 3}
+START = file_bytes(noise(256, 256, seed=4))
 
 
 def predict(server, body, **kwargs):
@@ -75,7 +82,7 @@ def test_records_and_sidecars_name_each_adapter_by_its_content(pool, adapters):
     ink_sha = hashlib.sha256((adapters.catalog / "ink.safetensors").read_bytes()).hexdigest()
     image = file_of(answer["images"][0])
     record = json.loads((pool.image_dir / "sd3" / "requests" / f"{request_id}.json").read_text())
-    assert record["parameters"]["loras"] == [{"sha256": ink_sha, "scale": 0.8}]
+    assert record["parameters"]["loras"] == [{"name": "ink", "scale": 0.8}]  # as sent: a repeat downloads nothing
     sidecar = json.loads(image.with_name(f"{request_id}.json").read_text())
     assert sidecar["loras"] == [{"name": "ink", "sha256": ink_sha, "scale": 0.8}]
     assert sidecar["parameters"]["loras"] == [{"name": "ink", "scale": 0.8}]
@@ -94,12 +101,16 @@ def test_a_bucket_adapter_is_downloaded_once_and_each_adapter_loaded_once_per_de
     assert len(loads) == len(set(loads)), loads  # never twice on one device
 
 
-def test_health_shows_the_catalog_and_what_each_device_holds(pool):
+def test_health_shows_the_catalog_and_what_each_device_holds_by_content_never_a_callers_uri(pool, adapters):
     sha(pool, loras=[{"name": "ink"}])
+    sha(pool, loras=[{"name": CLOUD}])
     with pool.client() as client:
-        loras = client.get("/health").json()["loras"]
-    assert [adapter["name"] for adapter in loras["catalog"]] == ["ink", "wave"]
-    assert set(loras["loaded"]) == {"cpu:0", "cpu:1"} and any("ink" in held for held in loras["loaded"].values())
+        health = client.get("/health")
+    loras = health.json()["loras"]
+    assert [adapter["name"] for adapter in loras["catalog"]] == ["ink", "wave"] and loras["fused"] == []
+    ink_sha = hashlib.sha256((adapters.catalog / "ink.safetensors").read_bytes()).hexdigest()
+    assert set(loras["loaded"]) == {"cpu:0", "cpu:1"} and any(ink_sha in held for held in loras["loaded"].values())
+    assert "oci://" not in health.text and "styles/" not in health.text
 
 
 def test_the_openai_surface_takes_adapters_as_an_extension(pool, plain):
@@ -153,14 +164,157 @@ def test_a_bad_adapter_is_refused_naming_it_before_any_device_and_breaks_nothing
     assert sha(pool) == plain  # and the next request is as before
 
 
-def test_the_bucket_unreachable_is_503_with_retry_after(pool, adapters, plain):
+def test_the_bucket_unreachable_is_503_with_retry_after_when_polled(pool, adapters, plain):
     adapters.bucket.add_object("adapters", "later.safetensors", (adapters.catalog / "wave.safetensors").read_bytes())
+    request_id = f"outage-{uuid.uuid4().hex[:6]}"
     adapters.bucket.outage(503)
-    try:
-        response = predict(pool, {**BODY, "loras": [{"name": "oci://adapters@tenancyns/later.safetensors"}]})
+    try:  # fetched after admission: accepted, then polled until it ends (the SDK's retries take seconds)
+        body = {**BODY, "request_id": request_id, "wait": False,
+                "loras": [{"name": "oci://adapters@tenancyns/later.safetensors"}]}
+        assert predict(pool, body).status_code == 202
+        response = until_answered(pool, request_id, done=(503,))
     finally:
         adapters.bucket.restore()
-    assert response.status_code == 503 and response.headers["retry-after"] == "10", response.text
+    assert response.headers["retry-after"] == "10", response.text
     assert response.json()["error"]["code"] == "lora_unavailable"
     assert sha(pool, loras=[{"name": "oci://adapters@tenancyns/later.safetensors"}]) == \
         sha(pool, loras=[{"name": "wave"}])  # the same content, by either name
+
+
+def until_answered(server, request_id: str, done: tuple[int, ...] = (200,), timeout: float = 120) -> httpx.Response:
+    """Poll by id until it ends with one of `done` (a hang guard, not a time bound on the service)."""
+    deadline = time.monotonic() + timeout
+    with server.client() as client:
+        while True:
+            response = client.post("/predict", json={"request_id": request_id})
+            if response.status_code != 202:
+                assert response.status_code in done, response.text
+                return response
+            assert time.monotonic() < deadline, "never answered"
+            time.sleep(0.3)
+
+
+def bucket_adapter(name: str) -> str:
+    return f"oci://adapters@tenancyns/styles/{name}.safetensors"
+
+
+def test_an_adapter_in_diffusers_older_names_draws_what_its_peft_named_copy_draws(pool):
+    # ink-old: ink's weights as convert_state_dict_to_diffusers names them (lora.down / lora.up).
+    assert sha(pool, loras=[{"name": bucket_adapter("ink-old")}]) == sha(pool, loras=[{"name": "ink"}])
+
+
+def test_an_adapter_of_the_text_encoders_too_is_loaded_and_scale_zero_is_the_plain_image(pool, plain):
+    assert sha(pool, loras=[{"name": bucket_adapter("prose")}]) != plain
+    assert sha(pool, loras=[{"name": bucket_adapter("prose"), "scale": 0}]) == plain
+
+
+def test_an_adapter_diffusers_cannot_load_is_that_requests_400_and_the_devices_go_on(pool, adapters, plain, tmp_path):
+    # Its names and shapes fit; peft cannot build the config in its header: only the load on a device finds out.
+    broken = with_bad_config(adapters.catalog / "wave.safetensors", tmp_path / "broken.safetensors")
+    adapters.bucket.add_object("adapters", "styles/broken.safetensors", broken.read_bytes())
+    request_id = f"broken-lora-{uuid.uuid4().hex[:6]}"
+    response = predict(pool, {**BODY, "request_id": request_id, "loras": [{"name": "ink"},
+                                                                          {"name": bucket_adapter("broken")}]})
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["field"] == "loras.1" and "diffusers could not load this adapter" in error["message"]
+    with pool.client() as client:
+        polled = client.post("/predict", json={"request_id": request_id})  # recorded as it ended
+        assert polled.status_code == 400 and polled.json()["error"]["field"] == "loras.1", polled.text
+        assert [device["state"] for device in client.get("/health").json()["devices"]] == ["ready", "ready"]
+    assert sha(pool) == plain and sha(pool, loras=[{"name": "ink"}]) != plain  # both devices serve on
+
+
+def test_a_repeated_request_id_downloads_nothing(pool, adapters):
+    adapters.bucket.add_object("adapters", "styles/once.safetensors", (adapters.catalog / "wave.safetensors").read_bytes())
+    body = {**BODY, "request_id": f"once-{uuid.uuid4().hex[:6]}", "loras": [{"name": bucket_adapter("once")}]}
+    first = predict(pool, body)
+    asked = len(adapters.bucket.seen(path_contains="styles%2Fonce"))
+    assert first.status_code == 200 and asked == 2  # the HEAD for its ETag, and the one GET
+    again = predict(pool, body)
+    assert again.json() == first.json() and len(adapters.bucket.seen(path_contains="styles%2Fonce")) == asked
+
+
+def test_adapter_downloads_have_threads_of_their_own_so_leases_renew_while_they_hang(pool, adapters):
+    # Five downloads that hang (more than the four I/O threads that renew leases and store images) ...
+    for n in range(5):
+        adapters.bucket.add_object("adapters", f"slow/{n}.safetensors",
+                                   (adapters.catalog / "wave.safetensors").read_bytes())
+    hang = adapters.bucket.hold_next(None, when=lambda request: request.method == "GET" and "/o/slow%2F" in
+                                     request.path)
+    gate, slow = f"renewing-{uuid.uuid4().hex[:6]}", [f"slow-{uuid.uuid4().hex[:6]}-{n}" for n in range(5)]
+    try:
+        for n, request_id in enumerate(slow):
+            accepted = predict(pool, {**BODY, "wait": False, "request_id": request_id,
+                                      "loras": [{"name": f"oci://adapters@tenancyns/slow/{n}.safetensors"}]})
+            assert accepted.status_code == 202, accepted.text
+        assert hang.held.wait(60)
+        # ... and a request held on a device meanwhile: its lease is renewed (every second, LEASE_SECONDS=3) ...
+        with ThreadPoolExecutor(1) as thread:
+            held = thread.submit(predict, pool, {**BODY, "request_id": gate, "prompt": pool.hold(gate, "a kite")})
+            pool.wait_held(gate)
+            record = pool.image_dir / "sd3" / "requests" / f"{gate}.json"
+            leases = {json.loads(record.read_text())["lease_expires"]}
+            for _ in range(600):  # until renewed twice (a hang guard of a minute, not a time bound)
+                leases.add(json.loads(record.read_text())["lease_expires"])
+                if len(leases) >= 3:
+                    break
+                time.sleep(0.1)
+            # ... before any of the downloads ended (they would give up after STORE_TIMEOUT_SECONDS, 20 s).
+            with pool.client() as client:
+                waiting = [client.post("/predict", json={"request_id": request_id}).status_code
+                           for request_id in slow]
+            assert len(leases) >= 3 and waiting == [202] * 5, (leases, waiting)
+            pool.release(gate)
+            assert held.result().status_code == 200
+    finally:
+        hang.release()
+        adapters.bucket.restore()
+        pool.release(gate)
+    for request_id in slow:  # and once the bucket answers, each is generated with its adapter
+        assert until_answered(pool, request_id).status_code == 200
+
+
+def edit(pool, fields: list[tuple[str, str]]) -> str:
+    """The sha256 of an edit's image, its form parts sent in this order."""
+    response = httpx.post(pool.url + "/v1/images/edits", timeout=120, files={"image": ("start.png", START, "image/png")},
+                          data=dict([("prompt", "a lighthouse"), ("size", "256x256"), ("seed", "3"),
+                                     ("num_inference_steps", "2"), *fields]))  # a dict keeps the parts' order
+    assert response.status_code == 200, response.text
+    return hashlib.sha256(base64.b64decode(response.json()["data"][0]["b64_json"])).hexdigest()
+
+
+def test_the_edit_forms_adapter_parts_group_by_number_whatever_their_order(pool):
+    in_order = edit(pool, [("loras[0][name]", "ink"), ("loras[0][scale]", "0.5"), ("loras[1][name]", "wave")])
+    shuffled = edit(pool, [("loras[1][name]", "wave"), ("loras[0][scale]", "0.5"), ("loras[0][name]", "ink")])
+    assert shuffled == in_order
+    # The SDK's unnumbered parts: a scale before its name is the same adapter, not a second one.
+    assert edit(pool, [("loras[][scale]", "0.5"), ("loras[][name]", "ink")]) == \
+        edit(pool, [("loras[0][name]", "ink"), ("loras[0][scale]", "0.5")]) != \
+        edit(pool, [("loras[0][name]", "ink")])
+
+
+def pixels_of(image: dict) -> np.ndarray:
+    return np.asarray(Image.open(file_of(image)).convert("RGB"), dtype=np.int16)
+
+
+def test_a_deployment_that_fuses_an_adapter_draws_what_asking_for_it_draws_and_records_it(pool, adapters,
+                                                                                          make_server):
+    # The same image folder as `pool`, so both read the same request records.
+    fused = make_server({"LORA_FUSE": "ink:0.7", "LORA_DIR": str(adapters.catalog), "IMAGE_DIR": str(pool.image_dir),
+                         "STORE_PARAMS": "true"})
+    ink_sha = hashlib.sha256((adapters.catalog / "ink.safetensors").read_bytes()).hexdigest()
+    with fused.client() as client:
+        assert client.get("/health").json()["loras"]["fused"] == [{"name": "ink", "sha256": ink_sha, "scale": 0.7}]
+    request_id = f"fused-{uuid.uuid4().hex[:6]}"
+    answer = predict(fused, {**BODY, "request_id": request_id}).json()
+    asked = predict(pool, {**BODY, "loras": [{"name": "ink", "scale": 0.7}]}).json()
+    # Measured: at most 1 of 255 apart (the fused weights sum in another order); the adapter moves pixels by ~20.
+    assert np.abs(pixels_of(answer["images"][0]) - pixels_of(asked["images"][0])).max() <= 1
+    record = json.loads((pool.image_dir / "sd3" / "requests" / f"{request_id}.json").read_text())
+    assert record["parameters"]["fused_loras"] == [{"sha256": ink_sha, "scale": 0.7}]
+    sidecar = json.loads(file_of(answer["images"][0]).with_name(f"{request_id}.json").read_text())
+    assert sidecar["loras"] == [{"name": "ink", "sha256": ink_sha, "scale": 0.7, "fused": True}]
+    # The same id where another set is fused (here, none) is another request: 409 naming the field.
+    reused = predict(pool, {**BODY, "request_id": request_id})
+    assert reused.status_code == 409 and reused.json()["error"]["field"] == "fused_loras", reused.text
