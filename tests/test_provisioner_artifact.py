@@ -28,7 +28,7 @@ def service_copy(tmp_path: Path) -> Path:
     (source / "model" / "transformer").mkdir(parents=True)
     (source / "model" / "model_index.json").write_text('{"_class_name": "StableDiffusion3Pipeline"}')
     (source / "model" / "transformer" / "weights.safetensors").write_bytes(os.urandom(300_000))
-    (source / "loras").mkdir()  # the LoRA catalog
+    (source / "loras").mkdir(exist_ok=True)  # the LoRA catalog (in the repository with its .gitignore)
     (source / "loras" / "watercolour.safetensors").write_bytes(os.urandom(50_000))
     return source
 

@@ -45,3 +45,27 @@ def test_the_lifecycle_rule_command_in_the_docs_sends_the_rule_it_describes(tmp_
         [rule] = fake.lifecycle_rules["images"]
     assert rule["action"] == "DELETE" and rule["objectNameFilter"] == {"inclusionPrefixes": ["sd3/requests/"]}
     assert rule["isEnabled"] is True and (rule["timeAmount"], rule["timeUnit"]) == (30, "DAYS")
+
+
+def test_the_docs_make_an_adapter_for_the_tiny_model_that_the_service_takes(tmp_path):
+    from sd3_service.lora_library import LoraLibrary
+    from sd3_service.pipelines.generation import generate_images, generation_arguments
+    from sd3_service.pipelines.loras import DeviceLoras, lora_modules
+    from sd3_service.pipelines.tiny import build_tiny_pipeline
+    from sd3_service.spec import ImageRequest, LoraChoice
+
+    text = (README.parent / "docs" / "loras.md").read_text()
+    command = re.search(r"```bash\n(\.venv/bin/python tools/write_tiny_model\.py \S+)\n```", text)[1]
+    snippet = re.search(r"```python\n(from diffusers import StableDiffusion3Pipeline\n.*?)```", text, re.S)[1]
+    (tmp_path / "sd3-medium" / "loras").mkdir(parents=True)  # run where they say, in a copy of the layout
+    command = command.replace(".venv/bin/python tools/", f"{sys.executable} {README.parent / 'tools'}/")
+    for argv in (["bash", "-c", command], [sys.executable, "-c", snippet]):
+        result = subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr
+    catalog = tmp_path / "sd3-medium" / "loras"
+    modules = lora_modules(build_tiny_pipeline())
+    adapters = LoraLibrary(catalog, modules=lambda: modules).resolve((LoraChoice("tiny-style"),))
+    request = generation_arguments(ImageRequest(prompt="a kite", width=256, height=256, num_inference_steps=2))
+    plain, adapted = build_tiny_pipeline(), build_tiny_pipeline()
+    DeviceLoras(adapted, "cpu").apply(adapters)
+    assert generate_images(plain, seed=1, **request)[0].tobytes() != generate_images(adapted, seed=1, **request)[0].tobytes()
