@@ -1,5 +1,5 @@
 """What a LoRA adapter costs on the tiny model: its first use, a switch between cached adapters, and the per-step
-overhead of unfused adapters, each against the plain model measured in the same run.
+overhead of unfused and fused adapters, each against the plain model measured in the same run.
 
     python bench/loras.py            # 512x512, 10 steps, 7 samples per figure
     python bench/loras.py --smoke    # small and few: checks the script works (benchcheck/test_loras.py, `bash dev.sh bench`)
@@ -12,8 +12,9 @@ attention projections, as diffusers' SD3 LoRA script trains them) and setting it
 (a) first use: the library's resolve of a bucket adapter never seen (HEAD, GET, sha256, check) plus its load
     on the device; and the same for an adapter already fetched and loaded (HEAD only, nothing to load).
 (b) a switch: setting another adapter that is already loaded, before a generation.
-(c) per step: generations with 0 (LoRA disabled), 1 and 2 active adapters; the difference per denoising step
-    against disabled, and the ratio.
+(c) per step: generations with 0 (LoRA disabled), 1 and 2 active unfused adapters, and on a second pipeline
+    with the one adapter fused into its weights (`LORA_FUSE`, `fuse_adapters`); the difference per denoising
+    step against disabled, and the ratio.
 
 Writes bench/results/loras.json (or loras-smoke.json) and prints a table.
 """
@@ -46,9 +47,9 @@ def main(argv=None) -> dict:
     plan = PLANS["smoke" if args.smoke else "full"]
     out = args.out or HERE / "results" / ("loras-smoke.json" if args.smoke else "loras.json")
 
-    from sd3_service.lora_library import LoraLibrary
+    from sd3_service.lora_library import AdapterCache, LoraLibrary
     from sd3_service.pipelines.generation import generate_images, generation_arguments
-    from sd3_service.pipelines.loras import DeviceLoras, lora_modules
+    from sd3_service.pipelines.loras import DeviceLoras, fuse_adapters, lora_modules
     from sd3_service.pipelines.tiny import build_tiny_pipeline
     from sd3_service.spec import ImageRequest, LoraChoice
     from sd3_service.storage.object_storage import ObjectStorageStore
@@ -72,16 +73,16 @@ def main(argv=None) -> dict:
         reader = ObjectStorageStore(bucket="adapters", namespace="benchns", endpoint=bucket.endpoint)
         pipe = build_tiny_pipeline()
         modules = lora_modules(pipe)
-        library = LoraLibrary(tmp / "catalog", tmp / "cache", frozenset({"adapters"}), reader,
+        library = LoraLibrary(tmp / "catalog", AdapterCache(tmp / "cache", 1 << 30), frozenset({"adapters"}), reader,
                               modules=lambda: modules)
         device = DeviceLoras(pipe, "cpu (bench)", max_loaded=len(names))
 
         def uri(name: str) -> LoraChoice:
             return LoraChoice(f"oci://adapters@benchns/{name}.safetensors")
 
-        def generate() -> float:
+        def generate(on=pipe) -> float:
             began = time.perf_counter()
-            generate_images(pipe, seed=1, **generation_arguments(request))
+            generate_images(on, seed=1, **generation_arguments(request))
             return time.perf_counter() - began
 
         generate()  # the first generation allocates
@@ -105,11 +106,17 @@ def main(argv=None) -> dict:
                 switches.append(time.perf_counter() - began)
         # (c) per step: disabled, one, two, interleaved so that all see the same machine
         two = library.resolve((uri(names[0]), uri(names[1])))
-        runs: dict[str, list[float]] = {"plain (LoRA disabled)": [], "one adapter": [], "two adapters": []}
+        fused = build_tiny_pipeline()
+        fuse_adapters(fused, a)
+        generate(fused)
+        runs: dict[str, list[float]] = {"plain (LoRA disabled)": [], "one adapter, unfused": [],
+                                        "one adapter, fused": [], "two adapters, unfused": []}
         for _ in range(plan["samples"]):
-            for label, adapters in (("plain (LoRA disabled)", []), ("one adapter", a), ("two adapters", two)):
+            for label, adapters in (("plain (LoRA disabled)", []), ("one adapter, unfused", a),
+                                    ("two adapters, unfused", two)):
                 device.apply(adapters)
                 runs[label].append(generate())
+            runs["one adapter, fused"].append(generate(fused))
         fetched = len(bucket.seen("GET", "/b/adapters/o/"))
 
     steps = plan["steps"]

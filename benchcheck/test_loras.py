@@ -15,7 +15,8 @@ def test_lora_benchmark_smoke(tmp_path):
     run("loras.py", "--smoke", "--out", str(out), timeout=300)
     report = json.loads(out.read_text())
     assert report["downloads"] == report["plan"]["samples"]  # each adapter fetched once, however often used
-    assert set(report["per_step"]) == {"plain (LoRA disabled)", "one adapter", "two adapters"}
+    assert set(report["per_step"]) == {"plain (LoRA disabled)", "one adapter, unfused", "one adapter, fused",
+                                       "two adapters, unfused"}
     assert report["per_step"]["plain (LoRA disabled)"]["x_plain"] == 1.0
     for figure in ("first_use_ms", "used_again_ms", "switch_ms"):
         assert report[figure]["median"] > 0
