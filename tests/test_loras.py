@@ -255,3 +255,32 @@ def test_an_adapter_fused_at_a_scale_draws_what_the_unfused_one_draws_at_that_sc
     assert np.abs(pixels(fused) - pixels(unfused)).max() <= 1 < np.abs(pixels(fused) - plain).max()
     DeviceLoras(fused, "cpu").apply([ink])  # a request's adapter still applies on top
     assert np.abs(pixels(fused) - pixels(unfused)).max() > 1
+
+
+def test_image_metadata_names_fused_and_requested_adapters_apart_by_content():
+    from sd3_service.storage.writer import image_metadata
+
+    adapters = [{"name": "fast", "sha256": "f" * 64, "scale": 1.0, "fused": True},
+                {"name": "oci://styles@ns/ink.safetensors", "sha256": "a" * 64, "scale": 0.5}]
+    metadata = image_metadata(REQUEST, seed=1, model="tiny", adapters=adapters)
+    assert (metadata["lora-fused-0"], metadata["lora-0"]) == (f"{'f' * 64}:1.0", f"{'a' * 64}:0.5")
+    assert not any("oci://" in value for value in metadata.values())
+
+
+def test_an_overwritten_object_is_fetched_again_and_its_old_copy_goes_when_evicted(made, modules, fake, bucket,
+                                                                                    tmp_path):
+    ink, wave = ((made / f"{name}.safetensors").read_bytes() for name in ("ink", "wave"))
+    cache = AdapterCache(tmp_path / "cache", max_bytes=len(ink) + len(wave))
+    library = LoraLibrary(tmp_path / "none", cache, frozenset({"images"}), bucket, modules=lambda: modules)
+    style = (LoraChoice("oci://images@tenancyns/style.safetensors"),)
+    fake.add_object("images", "style.safetensors", ink)
+    [first] = library.resolve(style)
+    library.release([first])
+    fake.add_object("images", "style.safetensors", wave)  # overwritten: a new ETag
+    [second] = library.resolve(style)
+    library.release([second])
+    assert first.sha256 != second.sha256 and cached(cache) == {first.sha256, second.sha256}
+    fake.add_object("images", "other.safetensors", (made / "dust.safetensors").read_bytes())
+    library.resolve((LoraChoice("oci://images@tenancyns/other.safetensors"),))
+    assert first.sha256 not in cached(cache)  # the old copy was the least recently used
+    assert len(fake.seen("GET", "/o/style.safetensors")) == 2
