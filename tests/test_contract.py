@@ -47,3 +47,16 @@ def test_txt2img_takes_one_image_and_no_request_id():
 def test_every_field_is_documented_for_the_openapi_page():
     schema = PredictRequest.model_json_schema()
     assert all(prop.get("description") for prop in schema["properties"].values()), schema["properties"]
+
+
+def test_every_error_code_the_service_raises_is_one_of_the_contracts_codes():
+    import re
+    from pathlib import Path
+
+    from sd3_service.errors import ERROR_CODES
+
+    source = Path(__file__).resolve().parents[1] / "sd3-medium"
+    raised = {code for path in source.rglob("*.py") if ".venv" not in path.parts
+              for code in re.findall(r'ServiceError\(\s*\d{3},\s*"([a-z_]+)"', path.read_text())}
+    # Each is counted on /metrics from zero and listed in the documents; a pending answer is not an error.
+    assert raised - {"request_in_progress"} <= set(ERROR_CODES) and "invalid_input" in raised

@@ -398,13 +398,14 @@ def test_a_store_that_fails_while_following_anothers_record_still_answers(tiny, 
     request = ImageRequest(prompt="a harbour", request_id="followed", **SMALL)
     held = other.new_record("followed", seed=4242, parameters=recorded_parameters(request, False), day="2026/11/30")
     assert other.claim(held).mine  # alive elsewhere, its lease running
-    # The claim's read succeeds (the record is someone else's); the next read, while following, fails.
-    ledger = Ledger(RecordsThatFailReadsAfter(folder, fail_after=1), "sd3/", lease_seconds=30, owner="me")
+    # The read before admission (a repeat? no: running elsewhere) and the claim's read succeed (the record is someone
+    # else's); the next read, while following, fails.
+    ledger = Ledger(RecordsThatFailReadsAfter(folder, fail_after=2), "sd3/", lease_seconds=30, owner="me")
     engine = ready(make_engine(tiny, LocalFolderStore(tmp_path / "images"), tmp_path, ledger=ledger))
 
     answer = asyncio.run(engine.run(request)).answer
     assert answer.seed == 4242 and answer.images[0].object_name.startswith("sd3/2026/11/30/followed-")
-    assert ledger.records.reads == 2
+    assert ledger.records.reads == 3
     engine.shutdown()
 
 

@@ -26,7 +26,8 @@ from sd3_service.settings import Settings
 from sd3_service.storage.records import LocalRecords
 from sd3_service.storage.writer import ImageWriter
 
-IO_THREADS = 4  # read inputs, encode and store images, call the ledger
+IO_THREADS = 4  # read inputs, encode and store images
+LEDGER_THREADS = 2  # the ledger's record calls (claims, renewals, answers), apart from the I/O threads
 
 
 def find_devices(settings: Settings) -> list[str]:
@@ -67,7 +68,8 @@ def assemble(pool: DevicePool, writer: ImageWriter, ledger: Ledger | None = None
              keep_text: bool = False, cache_size: int = 1024, ledger_pause_seconds: float = 10.0) -> Engine:
     """An engine over a pool and a writer (and a ledger: None serves from this process's memory only)."""
     io = ThreadPoolExecutor(max_workers=IO_THREADS, thread_name_prefix="sd3-io")
-    lifecycle = Lifecycle(JobBook(cache_size), ledger, writer.store, io, max_jobs=max_jobs,
+    records_io = ThreadPoolExecutor(max_workers=LEDGER_THREADS, thread_name_prefix="sd3-ledger")
+    lifecycle = Lifecycle(JobBook(cache_size), ledger, writer.store, records_io, max_jobs=max_jobs,
                           pause_seconds=ledger_pause_seconds)
     return Engine(pool, writer, lifecycle, io, inputs=inputs, loras=loras, sync_wait_seconds=sync_wait_seconds,
                   keep_text=keep_text)

@@ -32,12 +32,13 @@ from sd3_service.errors import ServiceError, invalid_field, not_ready
 from sd3_service.inputs import InputReader
 from sd3_service.jobs.book import Job
 from sd3_service.jobs.ledger import Record, recorded_parameters, seed_for
-from sd3_service.jobs.lifecycle import Lifecycle, request_log
+from sd3_service.jobs.lifecycle import Lifecycle, refuse_if_reused, request_log
 from sd3_service.lora_library import LoraLibrary
 from sd3_service.metrics import METRICS
 from sd3_service.pipelines.devices import DevicePool, Ticket
 from sd3_service.pipelines.generation import keep_outside_mask
 from sd3_service.spec import Answer, Finished, ImageRequest, Pending
+from sd3_service.storage.store import ObjectRefused, StoreError
 from sd3_service.storage.writer import ImageWriter
 
 log = logging.getLogger("sd3.requests")
@@ -92,7 +93,7 @@ class Engine:
         pool: the devices that generate.
         writer: encodes and stores the images (and keeps what the store cannot take).
         lifecycle: the jobs this process holds and the ledger across instances.
-        io: threads that read inputs, encode and store images, and call the ledger (shared with `lifecycle`).
+        io: threads that read inputs, encode and store images (the ledger has threads of its own).
         inputs: reads and checks starting images (image to image, inpainting).
         loras: finds, fetches and checks the LoRA adapters requests name.
         sync_wait_seconds: how long a waiting caller waits before it is answered `Pending`.
@@ -113,6 +114,7 @@ class Engine:
 
     def start(self) -> None:
         """Start loading the model and uploading what an earlier run kept."""
+        METRICS.start()
         self.writer.start()
         self.pool.start()
 
@@ -143,17 +145,21 @@ class Engine:
     async def run(self, request: ImageRequest, wait_to_end: bool = False) -> Finished | Pending:
         """Answer a request: its images (for a repeated id, the first answer), or `Pending` when it asked not to
         wait or is not done within `SYNC_WAIT_SECONDS` (unless `wait_to_end`). Raises `ServiceError`."""
-        if not self.pool.ready_count():
-            raise not_ready(self.pool.error())
         sync_wait = None if wait_to_end else self.sync_wait_seconds
         request_id = request.request_id or uuid.uuid4().hex
-        if request.loras:
-            self._check_takes_adapters()
         parameters = recorded_parameters(request, self.keep_text, self._fused())
         job = self.lifecycle.held(request_id, parameters)
         if job is not None:
             request_log(request_id).info("Repeated request_id: answering from this process")
             return await self._outcome(job, request.wait, sync_wait)
+        if request.request_id is not None:  # a repeat answered before (elsewhere, or before a restart)?
+            recorded = await self._recorded_answer(request_id, parameters)
+            if recorded is not None:
+                return Finished(self.writer.as_stored_since(recorded))
+        if not self.pool.ready_count():
+            raise not_ready(self.pool.error())
+        if request.loras:
+            self._check_takes_adapters()
         self.lifecycle.check_room(self.pool.retry_after())
         # 1. admit: a caller that waits may wait behind MAX_QUEUE requests; one that polls, behind MAX_JOBS
         ticket = self.pool.admit(request_id, None if request.wait else self.lifecycle.max_jobs)
@@ -172,10 +178,45 @@ class Engine:
         return self._pending_from_record(found)
 
     async def image_bytes(self, finished: Finished) -> list[bytes]:
-        """The files of a finished request: as just encoded, or read back (a repeat's answer carries none)."""
+        """The files of a finished request: as just encoded, or read back (a repeat's answer carries none); 503 while
+        the store cannot be read, 410 for an image no longer there."""
         if finished.files:
             return [file.data for file in finished.files]
-        return [await self._in_io(self.writer.read, image) for image in finished.answer.images]
+        request_id = finished.answer.request_id
+        files = []
+        for image in finished.answer.images:
+            try:
+                files.append(await self._in_io(self.writer.read, image))
+            except ObjectRefused as exc:
+                if exc.status != 404:
+                    raise ServiceError(503, "store_unavailable", f"cannot read image {image.object_name} of request "
+                                                                 f"'{request_id}' back now: {exc}", retry_after=10)
+                raise ServiceError(410, "image_gone", f"image {image.object_name} of request '{request_id}' is no "
+                                                      "longer in the store (a lifecycle rule may have removed it); "
+                                                      "send the request with a new request_id to make it again")
+            except StoreError as exc:
+                raise ServiceError(503, "store_unavailable", f"cannot read image {image.object_name} of request "
+                                                             f"'{request_id}' back now: {exc}", retry_after=10)
+        return files
+
+    async def _recorded_answer(self, request_id: str, parameters: dict) -> Answer | None:
+        """The recorded answer of an id whose request is done, read once before any admission: a repeat never
+        competes for a place (or waits for the model) to be given an answer it already has. Its own recorded error
+        (4xx) is raised; for anything else (no record, running, a service failure, the store down) None."""
+        record = await self.lifecycle.recorded(request_id)
+        if record is None or record.state not in ("done", "failed"):
+            return None
+        if self.pool.model() is None:  # the fused adapters are known once the model is placed: taken as recorded
+            parameters = {**parameters, "fused_loras": record.parameters.get("fused_loras", [])}
+            if not parameters["fused_loras"]:
+                del parameters["fused_loras"]
+        refuse_if_reused(request_id, record.parameters, parameters, record.seed)
+        if record.state == "failed":
+            if record.error["status"] < 500:
+                raise ServiceError.from_record(record.error)  # its own fault: it would fail again
+            return None  # a service failure: run again, through the claim
+        request_log(request_id).info("Repeated request_id: answering its recorded answer (owner %s)", record.owner)
+        return Answer.model_validate(record.answer)
 
     # -- the work of one request, as its own task ------------------------------------------------------
 
@@ -185,11 +226,13 @@ class Engine:
             elsewhere = await self.lifecycle.claim(job)
             if elsewhere is not None:  # another process owns the id: follow its record
                 ticket.release()
-                answer = await self.lifecycle.follow(job, *elsewhere)
-                if answer is not None:
+                followed = await self.lifecycle.follow(job, *elsewhere)
+                if isinstance(followed, Answer):
                     report.finished(job.request_id, "answered from its record")
-                    return Finished(answer)
-                ticket = self.pool.admit(job.request_id, self.lifecycle.max_jobs)  # taken over: generated here
+                    return Finished(followed)
+                # taken over: generated here, with the recorded seed and day (the same images, the same names)
+                job.seed, job.day, job.state = followed.seed, followed.day, "queued"
+                ticket = self.pool.admit(job.request_id, self.lifecycle.max_jobs)
             return await self._generate(job, ticket, report)
         except BaseException as exc:
             report.finished(job.request_id, "failed", exc)
@@ -237,7 +280,10 @@ class Engine:
 
     async def _outcome(self, job: Job, wait: bool, sync_wait: float | None) -> Finished | Pending:
         if job.answer is not None:  # done: images the spool has stored since are answered as stored
-            return Finished(self.writer.as_stored_since(job.answer))
+            answer = self.writer.as_stored_since(job.answer)
+            if not all(image.stored for image in answer.images):  # the others inline, as the first caller had them
+                answer = await self._in_io(self.writer.with_spooled_data, answer)
+            return Finished(answer)
         if job.work.done() or wait:
             try:
                 result = await asyncio.wait_for(asyncio.shield(job.work), None if job.work.done() else sync_wait)

@@ -12,6 +12,13 @@ import dataclasses
 import logging
 from dataclasses import dataclass
 
+# Every code an error answer may carry, on either API surface (a pending request's OpenAI 409, `request_in_progress`,
+# is an answer to come, not an error): the metrics count each from zero, and the documents list them.
+ERROR_CODES = ("invalid_input", "malformed_json", "malformed_form", "payload_too_large", "queue_full", "not_ready",
+               "input_not_found", "input_unavailable", "lora_not_found", "lora_unavailable", "model_not_found",
+               "unknown_request", "request_id_reused", "request_interrupted", "ledger_unavailable",
+               "store_unavailable", "image_gone", "internal_error")
+
 
 @dataclass
 class Problem:

@@ -11,6 +11,8 @@ from __future__ import annotations
 import warnings
 from functools import cached_property
 
+from sd3_service.errors import ERROR_CODES
+
 # Generations take seconds (a tiny CPU image: 0.05 s; SD3 Medium at 1024² on a GPU: 1-10 s; four at 1536²
 # on an A10: a minute); encoding and storing take milliseconds.
 GENERATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 3, 5, 8, 13, 20, 30, 45, 60, 90, 120, 300)
@@ -18,6 +20,8 @@ STAGE_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 2
 LEDGER_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 6, 12)
 DEVICE_STATES = ("loading", "ready", "failed")
 STAGES = ("queue", "inputs", "generate", "encode", "store")
+MODES = ("txt2img", "img2img", "inpaint")
+LEDGER_OPERATIONS = ("create", "read", "replace")
 
 
 def _api():
@@ -94,10 +98,28 @@ class ServiceMetrics:
 
     # -- what the parts report
 
+    def start(self) -> None:
+        """Make every series exist at zero, each labelled one for its known values, so that `increase()` sees its
+        first event (a series born at 1 has no increase); devices are added as they are found (`device`)."""
+        for gauge in (self.requests_waiting, self.requests_running, self.spooled_images):
+            gauge.inc(0)
+        for counter in (self.store_failures, self.takeovers):
+            counter.inc(0)
+        for mode in MODES:
+            self.generation_seconds.labels(mode=mode)
+            self.images.labels(mode=mode).inc(0)
+        for stage in STAGES:
+            self.request_seconds.labels(stage=stage)
+        for code in ERROR_CODES:
+            self.request_errors.labels(code=code).inc(0)
+        for operation in LEDGER_OPERATIONS:
+            self.ledger_seconds.labels(operation=operation)
+
     def device(self, device: str, state: str) -> None:
         """`device` is now in `state`."""
         for known in DEVICE_STATES:
             self.device_state.labels(device=device, state=known).set(1 if known == state else 0)
+        self.device_busy_seconds.labels(device=device).inc(0)
 
     def generated(self, device: str, mode: str, images: int, seconds: float) -> None:
         self.device_busy_seconds.labels(device=device).inc(seconds)

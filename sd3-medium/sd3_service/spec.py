@@ -173,6 +173,13 @@ class Answer(BaseModel):
     images: list[StoredImage] = Field(..., description="one entry per image, in order")
     timings_ms: dict[str, int] = Field(..., description="queue, generate, encode, store in milliseconds")
 
+    def without_data(self) -> Answer:
+        """The answer without inline image data: what is held in memory for repeats (an image not stored yet is
+        read back from the spool on disk when a repeat asks)."""
+        if all(image.data is None for image in self.images):
+            return self
+        return self.model_copy(update={"images": [image.model_copy(update={"data": None}) for image in self.images]})
+
 
 @dataclass(frozen=True)
 class InputImage:

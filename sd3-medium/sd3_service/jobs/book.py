@@ -70,8 +70,9 @@ class JobBook:
         if work.cancelled() or work.exception() is not None:
             self.forget(job)  # the id may be sent again (a recorded failure is answered by the ledger)
             return
-        # Kept: the answer. Dropped: the input images and the encoded output (callers waiting have their own).
-        job.answer, job.request, job.work = work.result().answer, None, None
+        # Kept: the answer, without image data (a store outage must not fill memory with base64 copies: a repeat
+        # reads a still unstored image from the spool). Dropped: the input images and the encoded output.
+        job.answer, job.request, job.work = work.result().answer.without_data(), None, None
         finished = [rid for rid, held in self._jobs.items() if not held.active]
         for request_id in finished[:max(0, len(finished) - self.size)]:
             del self._jobs[request_id]

@@ -18,7 +18,7 @@ import asyncio
 import logging
 import time
 from concurrent.futures import Executor
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 from sd3_service.errors import ServiceError, queue_full
@@ -34,6 +34,15 @@ log = logging.getLogger("sd3.jobs")
 class RecordSpool(Protocol):
     def put(self, image: ImageObject):
         """Store an object now, or keep it and store it once the store is back (never raises)."""
+
+
+@dataclass(frozen=True)
+class Takeover:
+    """A request this process must generate after following another owner's record: with the recorded seed and
+    day, so that it makes the same images under the same names."""
+
+    seed: int
+    day: str
 
 
 class RequestLog(logging.LoggerAdapter):
@@ -53,7 +62,8 @@ class Lifecycle:
         book: the jobs this process holds and its latest answers.
         ledger: the request records in the store; None serves from this process's memory only.
         spool: where a record goes when the store cannot take it now (the image writer's spooling store).
-        io: the thread pool that makes the store calls.
+        io: the threads that make the ledger's store calls: its own, so that encoding, uploads and adapter downloads
+            never delay a lease renewal (a late one lets another instance take the request over).
         max_jobs: jobs this process holds (queued or running) before it answers 429.
         pause_seconds: after a failed claim, requests skip the ledger this long (each claim may retry ~6 s).
     """
@@ -119,19 +129,18 @@ class Lifecycle:
             return None
         return claim.record, claim.etag
 
-    async def follow(self, job: Job, record: Record, etag: str) -> Answer | None:
-        """Wait for another owner's record to finish: its answer, or None once this process took it over (its
-        owner died, or failed with a service error) and must generate it, with the recorded seed and day."""
+    async def follow(self, job: Job, record: Record, etag: str) -> Answer | Takeover:
+        """Wait for another owner's record to finish: its answer, or a `Takeover` once this process took it over (its
+        owner died, or failed with a service error) and must generate it."""
         try:
             return await self._follow(job, record, etag)
         except StoreError as exc:  # the store failed while following: serve it as in an outage
             request_log(job.request_id).warning("Cannot follow its record (%s): generating it here with the "
                                                 "recorded seed, under the same names", exc)
             job.record = job.etag = None
-            job.seed, job.day = record.seed, record.day
-            return None
+            return Takeover(record.seed, record.day)
 
-    async def _follow(self, job: Job, record: Record, etag: str) -> Answer | None:
+    async def _follow(self, job: Job, record: Record, etag: str) -> Answer | Takeover:
         refuse_if_reused(job.request_id, record.parameters, job.parameters, record.seed)
         interval = max(0.2, min(2.0, self.ledger.lease_seconds / 5))
         while True:
@@ -150,8 +159,7 @@ class Lifecycle:
                         "Took over from %s (%s): generating again with seed %d under the same names", record.owner,
                         "it failed" if record.state == "failed" else "its lease expired", record.seed)
                     job.record, job.etag = taken
-                    job.seed, job.day, job.state = record.seed, record.day, "queued"
-                    return None
+                    return Takeover(record.seed, record.day)
             await asyncio.sleep(interval)
             found = await self._in_io(self.ledger.read, job.request_id)
             if found is None:  # deleted (a lifecycle rule): claim it afresh
@@ -159,7 +167,7 @@ class Lifecycle:
                     job.request_id, job.seed, job.parameters, job.day))
                 if claim.mine:
                     job.record, job.etag = claim.record, claim.etag
-                    return None
+                    return Takeover(job.seed, job.day)
                 found = claim.record, claim.etag
             record, etag = found
 
@@ -177,7 +185,7 @@ class Lifecycle:
                 except StoreError as exc:
                     request_log(job.request_id).warning("Cannot record the answer now (%s): the spool writes it "
                                                         "later", exc)
-                    self._spool(record, if_absent=False)
+                    await self._spool(record, if_absent=False)
                     return
                 if etag is None:
                     request_log(job.request_id).warning("Its record changed meanwhile (a takeover after a missed "
@@ -187,7 +195,7 @@ class Lifecycle:
             elif job.record is None:  # never claimed: the store was down; the first record written wins
                 record = replace(self.ledger.new_record(job.request_id, job.seed, job.parameters, job.day),
                                  state="done", answer=recorded, lease_expires=0.0)
-                self._spool(record, if_absent=True)
+                await self._spool(record, if_absent=True)
 
     async def failed(self, job: Job, exc: BaseException) -> None:
         """Record a failed job's error, so that a poll answers it. The same request sent again meets the same
@@ -204,6 +212,17 @@ class Lifecycle:
                 request_log(job.request_id).warning("Cannot record its failure (%s): it expires with its lease",
                                                     store_error)
             job.etag = None
+
+    async def recorded(self, request_id: str) -> Record | None:
+        """The id's record, read once; None without a ledger, without a record, or while the store cannot say."""
+        if self.ledger is None or time.monotonic() < self._down_until:
+            return None
+        try:
+            found = await self._in_io(self.ledger.read, request_id)
+        except StoreError as exc:
+            request_log(request_id).warning("Cannot read its record now (%s): served as a new request", exc)
+            return None
+        return None if found is None else found[0]
 
     async def lookup(self, request_id: str) -> Job | Answer | Record:
         """What a poll finds: the job this process holds, the recorded answer, or the record of a live request
@@ -267,13 +286,15 @@ class Lifecycle:
     def stop(self) -> None:
         if self._renewing is not None:
             self._renewing.cancel()
+        self.io.shutdown(wait=False)
 
     # -- internals
 
-    def _spool(self, record: Record, if_absent: bool) -> None:
-        self.spool.put(ImageObject(name=self.ledger.name(record.request_id), data=record.to_json(),
-                                   content_type="application/json", request_id=record.request_id,
-                                   if_absent=if_absent))
+    async def _spool(self, record: Record, if_absent: bool) -> None:
+        # Off the event loop: with the store still taken for up, this put is a store call with its retries.
+        await self._in_io(self.spool.put, ImageObject(name=self.ledger.name(record.request_id), data=record.to_json(),
+                                                      content_type="application/json",
+                                                      request_id=record.request_id, if_absent=if_absent))
 
     async def _in_io(self, function, *args):
         return await asyncio.get_running_loop().run_in_executor(self.io, function, *args)

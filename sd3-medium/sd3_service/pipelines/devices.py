@@ -235,20 +235,21 @@ class DevicePool:
         return True
 
     def _fail(self, device: Device, exc: BaseException) -> None:
-        with self._lock:
+        with self._lock:  # `generate` queues under this lock: nothing is queued after the last device's drain
             device.set_state("failed", f"{type(exc).__name__}: {exc}")
             device.pipeline = None
             if any(d.state != "failed" for d in self.devices):
                 return
-        # No device is left to take what waits: answer it rather than leave it queued for ever.
-        while True:
-            try:
-                job = self._queue.get_nowait()
-            except queue.Empty:
-                return
-            if job is not None:
-                self._take(job.ticket)
-                job.loop.call_soon_threadsafe(_settle, job.future, None, not_ready(self.error()))
+            # No device is left to take what waits: answer it rather than leave it queued for ever.
+            while True:
+                try:
+                    job = self._queue.get_nowait()
+                except queue.Empty:
+                    return
+                if job is not None:
+                    job.ticket.started = True
+                    self._forget(job.ticket)
+                    job.loop.call_soon_threadsafe(_settle, job.future, None, not_ready(self.error()))
 
     # -- state ----------------------------------------------------------------------------------
 
@@ -342,9 +343,10 @@ class DevicePool:
         job = _Job(request=request, ticket=ticket, request_id=ticket.request_id, seed=seed, inputs=inputs,
                    future=loop.create_future(), loop=loop, watcher=watcher, adapters=adapters or [])
         try:
-            if not self.ready_count():  # every device failed since admission
-                raise not_ready(self.error())
-            self._queue.put(job)
+            with self._lock:  # with `_fail`: the last device cannot fail between this check and the put
+                if not self.ready_count():  # every device failed since admission
+                    raise not_ready(self.error())
+                self._queue.put(job)
             return await job.future
         finally:
             ticket.release()

@@ -194,6 +194,13 @@ class SpoolingStore:
         self._ok()
         return PutResult(location=location, stored=True)
 
+    def spooled(self, name: str) -> bytes | None:
+        """An image's bytes while it waits in the spool (read from disk), else None."""
+        try:
+            return self.spool.load(self.spool.path(name, self.store.destination())).image.data
+        except (FileNotFoundError, SpoolCorrupt):
+            return None
+
     def read(self, name: str) -> bytes:
         """An image's bytes: from the spool while it waits there, else from the store (`ObjectRefused`,
         `StoreError` as the store raises them)."""

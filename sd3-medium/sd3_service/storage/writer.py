@@ -115,6 +115,16 @@ class ImageWriter:
                 update={"stored": True, "data": None, "uri": where.uri, "url": where.url}))
         return response.model_copy(update={"images": images})
 
+    def with_spooled_data(self, answer: Answer) -> Answer:
+        """An answer held without image data (`without_data`), with each image still waiting in the spool inline
+        again, read from disk: what the first caller got. Reads files: call off the event loop."""
+        images = []
+        for image in answer.images:
+            data = None if image.stored or image.data is not None else self.store.spooled(image.object_name)
+            images.append(image if data is None else image.model_copy(
+                update={"data": base64.b64encode(data).decode("ascii")}))
+        return answer.model_copy(update={"images": images})
+
     def read(self, image: StoredImage) -> bytes:
         """The bytes of an image an earlier answer named: inline, in the spool, or from the store."""
         if image.data is not None:

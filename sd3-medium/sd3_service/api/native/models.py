@@ -14,6 +14,7 @@ from typing import Annotated, Literal, Union, get_args, get_origin
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, create_model, field_validator
 
+from sd3_service.errors import ERROR_CODES
 from sd3_service.spec import (DATA_URL, DEFAULT_SIDE, LORAS_DESCRIPTION, MAX_GUIDANCE, MAX_IMAGES, MAX_LORAS,
                               MAX_PROMPT_CHARS, MAX_SEED, MAX_SIDE, MAX_STEPS, MIN_SIDE, OCI_URI, REQUEST_ID, SIDE_STEP,
                               Answer, ImageRequest, LoraSpec, Pending, Prompt, base64_payload, decode_base64)
@@ -162,10 +163,7 @@ class Problem(BaseModel):
 
 
 class ErrorDetail(BaseModel):
-    code: str = Field(..., description="`invalid_input`, `malformed_json`, `payload_too_large`, `queue_full`, "
-                                       "`not_ready`, `input_not_found`, `input_unavailable`, `lora_not_found`, "
-                                       "`lora_unavailable`, `unknown_request`, `request_id_reused`, "
-                                       "`request_interrupted`, `ledger_unavailable`, `internal_error`")
+    code: str = Field(..., description=", ".join(f"`{code}`" for code in ERROR_CODES))
     message: str = Field(..., description="what is wrong and what is allowed")
     field: str | None = Field(..., description="the (first) offending field; null when no field is at fault")
     problems: list[Problem] | None = Field(None, description="every invalid field, for `invalid_input`")

@@ -45,7 +45,8 @@ def error_response(error: ServiceError, request_id: str | None = None, retry: bo
     `retry`: whether the SDK should send the same request again (`x-should-retry`); by default, not after a 4xx
     other than 429 (the same call would fail the same way, and the SDK would retry a 409).
     """
-    METRICS.error(error.code)
+    if error.code != "request_in_progress":  # an answer to come, as the native surface's 202: not an error
+        METRICS.error(error.code)
     if error.status == 429:
         kind = "rate_limit_error"
     elif error.status >= 500:
