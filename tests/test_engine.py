@@ -165,7 +165,7 @@ def test_beyond_the_queue_bound_requests_get_queue_full_with_a_retry_estimate(ti
         return await engine.run(ImageRequest(prompt="after", **SMALL))  # room again
 
     assert asyncio.run(scenario()).answer.images
-    assert engine.pool._admitted == 0
+    assert engine.pool.admitted == 0
     engine.shutdown()
 
 
@@ -257,7 +257,7 @@ def test_a_caller_that_goes_away_loses_nothing_and_its_retry_gets_the_first_answ
     answer = asyncio.run(scenario()).answer
     [image] = answer.images
     assert image.stored and (tmp_path / image.object_name).is_file()
-    assert engine.pool._admitted == 0
+    assert engine.pool.admitted == 0
     assert calls == ["a"]  # generated once: the retry got the work the first caller started
     engine.shutdown()
 
@@ -329,7 +329,7 @@ def test_max_jobs_bounds_what_is_held_and_max_queue_what_a_waiting_caller_waits_
     async def waiting_caller_refused():
         gate.clear()
         held = await engine.run(ImageRequest(prompt="e", wait=False, **SMALL))
-        while engine.pool._admitted:  # generated, and now held by its store
+        while engine.pool.admitted:  # generated, and now held by its store
             await asyncio.sleep(0.05)
         blocker = await engine.run(ImageRequest(prompt="f", wait=False, **SMALL))
         with pytest.raises(ServiceError, match="queue is full"):  # the device is taken and MAX_QUEUE=0: a waiting caller may wait behind none

@@ -162,7 +162,7 @@ class Engine:
             self._check_takes_adapters()
         self.lifecycle.check_room(self.pool.retry_after())
         # 1. admit: a caller that waits may wait behind MAX_QUEUE requests; one that polls, behind MAX_JOBS
-        ticket = self.pool.admit(request_id, None if request.wait else self.lifecycle.max_jobs)
+        ticket = self.pool.admit(request_id, None if request.wait else self.lifecycle.max_jobs, request)
         job = Job(request_id=request_id, request=request, parameters=parameters, seed=seed_for(request, request_id),
                   day=dt.datetime.now(dt.timezone.utc).strftime("%Y/%m/%d"))
         self.lifecycle.open(job, self._serve(job, ticket))
@@ -232,7 +232,7 @@ class Engine:
                     return Finished(followed)
                 # taken over: generated here, with the recorded seed and day (the same images, the same names)
                 job.seed, job.day, job.state = followed.seed, followed.day, "queued"
-                ticket = self.pool.admit(job.request_id, self.lifecycle.max_jobs)
+                ticket = self.pool.admit(job.request_id, self.lifecycle.max_jobs, job.request)
             return await self._generate(job, ticket, report)
         except BaseException as exc:
             report.finished(job.request_id, "failed", exc)
@@ -299,15 +299,15 @@ class Engine:
         progress = job.progress if running else None
         return Pending(request_id=job.request_id, status="running" if running else "queued",
                        position=None if running else self.pool.position(job.request_id), progress=progress,
-                       retry_after=self._retry_after(progress))
+                       retry_after=self._retry_after(job.request, progress))
 
     def _pending_from_record(self, record: Record) -> Pending:
         return Pending(request_id=record.request_id, status=record.state, position=None, progress=None,
                        retry_after=self.pool.retry_after())
 
-    def _retry_after(self, progress: tuple[int, int] | None) -> int:
-        """About when it may be done: the rest of one generation, at least a second."""
-        seconds = self.pool.retry_after() * max(1, self.pool.ready_count())  # one generation
+    def _retry_after(self, request: ImageRequest | None, progress: tuple[int, int] | None) -> int:
+        """About when it may be done: the rest of its generation (by its steps and pixels), at least a second."""
+        seconds = self.pool.seconds_for(request)
         if progress is not None:
             seconds *= 1 - progress[0] / max(1, progress[1])
         return max(1, math.ceil(seconds))

@@ -22,11 +22,20 @@ from sd3_service.errors import not_ready, queue_full
 from sd3_service.metrics import METRICS
 from sd3_service.pipelines.generation import generate_images, generation_arguments, is_device_failure
 from sd3_service.pipelines.loading import LoadedPipeline, LoadedWeights
-from sd3_service.spec import NO_INPUTS, ImageRequest, Inputs, ResolvedLora
+from sd3_service.spec import DEFAULT_SIDE, NO_INPUTS, ImageRequest, Inputs, ResolvedLora
 
 log = logging.getLogger("sd3.pool")
 
 WARMUP_REQUEST = ImageRequest(prompt="warm-up", num_inference_steps=2, guidance_scale=7.0)
+TYPICAL_REQUEST = ImageRequest(prompt="typical")  # the defaults: 28 steps at 1024², for estimates of unknown work
+
+
+def work_of(request: ImageRequest) -> float:
+    """What a generation costs in denoising steps times megapixels times images: time per unit is about constant
+    on a device (the steps that run: fewer below strength 1 for a starting image)."""
+    steps = request.num_inference_steps * (request.repaint_strength or 1.0)
+    pixels = (request.width or DEFAULT_SIDE) * (request.height or DEFAULT_SIDE) / 1e6
+    return max(1.0, steps) * pixels * request.num_images
 
 
 @dataclass
@@ -81,9 +90,10 @@ class Ticket:
     """One admitted request's place in the pool: counted in from `admit` until `release` (which `generate` calls
     when its generation ends), so a request that does not generate after all only releases its ticket."""
 
-    def __init__(self, pool: DevicePool, request_id: str):
+    def __init__(self, pool: DevicePool, request_id: str, work: float):
         self.pool = pool
         self.request_id = request_id
+        self.work = work  # `work_of` its request
         self.started = False  # a device took it
         self.released = False
 
@@ -129,9 +139,9 @@ class DevicePool:
         self._load_weights = load_weights
         self._place = place
         self._queue: queue.Queue[_Job | None] = queue.Queue()
-        self._admitted = 0  # tickets not released yet (touched on the event loop only)
         self._waiting: list[Ticket] = []  # admitted and not taken by a device yet, in order (under `_lock`)
-        self._seconds_per_generation = 1.0  # running estimate, for Retry-After
+        self._seconds_per_work = 1.0  # seconds per step and megapixel (`work_of`): a running estimate, for Retry-After
+        self._tickets: list[Ticket] = []  # admitted, not released (touched on the event loop only)
         self._lock = threading.Lock()
         self._workers: list[threading.Thread] = []
 
@@ -184,10 +194,11 @@ class DevicePool:
             log.exception("The warm-up generation on %s failed; the other devices go on", device.label)
             self._fail(device, exc)
             return
-        self._seconds_per_generation = time.perf_counter() - warming
+        warm_up = time.perf_counter() - warming
+        self._seconds_per_work = warm_up / work_of(WARMUP_REQUEST)  # per step: a 28-step request costs 14 warm-ups
         device.set_state("ready")
         log.info("%s ready: model %s (%s), warm-up %.1f s", device.label, device.pipeline.source.name,
-                 device.pipeline.dtype, self._seconds_per_generation)
+                 device.pipeline.dtype, warm_up)
         while True:
             job = self._queue.get()
             if job is None:
@@ -228,7 +239,7 @@ class DevicePool:
         log.info("[%s] Generated %d image(s) %dx%d (%s), %d steps, seed %d on %s in %.0f ms", job.request_id,
                  len(images), request.width, request.height, request.mode, request.num_inference_steps, job.seed,
                  device.label, (finished - started) * 1000)
-        self._seconds_per_generation = 0.8 * self._seconds_per_generation + 0.2 * (finished - started)
+        self._seconds_per_work = 0.8 * self._seconds_per_work + 0.2 * (finished - started) / work_of(request)
         generated = Generated(images=images, device=device.metric_label, queue_seconds=started - job.admitted,
                               generate_seconds=finished - started)
         job.loop.call_soon_threadsafe(_settle, job.future, generated, None)
@@ -298,13 +309,19 @@ class DevicePool:
                 return device.pipeline.fused
         return []
 
+    def seconds_for(self, request: ImageRequest | None) -> float:
+        """About how long one generation of this request takes on a device (of a typical one for None)."""
+        return self._seconds_per_work * work_of(request or TYPICAL_REQUEST)
+
     def retry_after(self) -> int:
-        """Seconds until a slot is likely free: one of the running generations ends within that."""
-        return max(1, math.ceil(self._seconds_per_generation / max(1, self.ready_count())))
+        """Seconds until a slot is likely free: one of the admitted generations (their mean) ends within that."""
+        work = [ticket.work for ticket in self._tickets] or [work_of(TYPICAL_REQUEST)]
+        seconds = self._seconds_per_work * sum(work) / len(work)
+        return max(1, math.ceil(seconds / max(1, self.ready_count())))
 
     # -- requests -------------------------------------------------------------------------------
 
-    def admit(self, request_id: str, bound: int | None = None) -> Ticket:
+    def admit(self, request_id: str, bound: int | None = None, request: ImageRequest | None = None) -> Ticket:
         """Count a request in, or refuse it (`ServiceError` 503 `not_ready`, 429 `queue_full`); call on the event
         loop, then `generate` with the ticket, or `release` it.
 
@@ -314,14 +331,19 @@ class DevicePool:
         ready = self.ready_count()
         if not ready:
             raise not_ready(self.error())
-        if self._admitted >= (ready + self.max_queue if bound is None else bound):
+        if self.admitted >= (ready + self.max_queue if bound is None else bound):
             raise queue_full(self.retry_after())
-        self._admitted += 1
-        ticket = Ticket(self, request_id)
+        ticket = Ticket(self, request_id, work_of(request or TYPICAL_REQUEST))
+        self._tickets.append(ticket)
         with self._lock:
             self._waiting.append(ticket)
             METRICS.requests_waiting.set(len(self._waiting))
         return ticket
+
+    @property
+    def admitted(self) -> int:
+        """Requests admitted and not released: waiting or generating."""
+        return len(self._tickets)
 
     def position(self, request_id: str) -> int | None:
         """1 for the next request a device takes; None once it runs (or if it is not admitted here)."""
@@ -357,7 +379,7 @@ class DevicePool:
             self._forget(ticket)
 
     def _count_out(self, ticket: Ticket) -> None:
-        self._admitted -= 1
+        self._tickets.remove(ticket)
         with self._lock:
             self._forget(ticket)
 
