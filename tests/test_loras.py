@@ -148,7 +148,21 @@ def test_two_devices_loading_at_once_get_the_same_weights_as_one_alone(made, mod
     alone = build_tiny_pipeline()
     DeviceLoras(alone, "alone").apply(adapters)
     pipes = [build_tiny_pipeline() for _ in range(2)]
-    together = threading.Barrier(2)
+    together, inside = threading.Barrier(2), threading.Barrier(2)
+    overlapped = []
+
+    def overlapping(load):
+        def wrapped(*args, **kwargs):
+            try:  # both threads inside a load at once, unless the load lock keeps the second one out
+                inside.wait(2)
+                overlapped.append(True)
+            except threading.BrokenBarrierError:
+                pass
+            return load(*args, **kwargs)
+        return wrapped
+
+    for pipe in pipes:
+        pipe.load_lora_weights = overlapping(pipe.load_lora_weights)
 
     def load(pipe):
         together.wait(30)
@@ -159,7 +173,7 @@ def test_two_devices_loading_at_once_get_the_same_weights_as_one_alone(made, mod
         thread.start()
     for thread in threads:
         thread.join(60)
-    assert [sha(pipe) for pipe in pipes] == [sha(alone)] * 2
+    assert [sha(pipe) for pipe in pipes] == [sha(alone)] * 2 and not overlapped
 
 
 def test_a_device_sets_adapters_only_when_a_request_asks_for_others_than_the_last(made, modules, tmp_path):

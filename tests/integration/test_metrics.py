@@ -7,6 +7,7 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from image_samples import b64, noise
@@ -32,8 +33,17 @@ def bucket_labels(samples, name: str) -> set[str]:
 
 def test_requests_by_mode_both_devices_busy_errors_by_code_and_nothing_left_waiting(pool):
     before = scrape(pool)
+    gates = [f"busy-{uuid.uuid4().hex[:6]}-{n}" for n in range(2)]
     with pool.client() as client, ThreadPoolExecutor(2) as threads:
-        pair = list(threads.map(lambda n: client.post("/predict", json={"prompt": f"pair {n}", **SMALL}), range(2)))
+        pair = [threads.submit(client.post, "/predict", json={"prompt": pool.hold(gate, f"pair {gate}"),
+                                                               "request_id": gate, **SMALL}) for gate in gates]
+        try:
+            for gate in gates:  # both generating at once: one on each device
+                pool.wait_held(gate)
+        finally:
+            for gate in gates:
+                pool.release(gate)
+        pair = [answer.result() for answer in pair]
         repainted = client.post("/predict", json={"prompt": "a", "image": b64(noise(256, 256)), **SMALL})
         refused = client.post("/predict", json={"prompt": "a", "width": 7})
     assert [r.status_code for r in pair] + [repainted.status_code, refused.status_code] == [200, 200, 200, 400]
@@ -45,18 +55,64 @@ def test_requests_by_mode_both_devices_busy_errors_by_code_and_nothing_left_wait
     assert delta("sd3_request_errors_total", code="invalid_input") == 1
     assert delta("sd3_request_seconds_count", stage="generate") == 3 and delta("sd3_request_seconds_count",
                                                                                stage="store") == 3
-    # Two requests at once on two devices: each device spent time generating.
-    assert value(after, "sd3_device_busy_seconds_total", device="cpu:0") > 0
-    assert value(after, "sd3_device_busy_seconds_total", device="cpu:1") > 0
+    # Two requests at once on two devices: each device spent time generating, in this test.
+    assert delta("sd3_device_busy_seconds_total", device="cpu:0") > 0
+    assert delta("sd3_device_busy_seconds_total", device="cpu:1") > 0
     for device in ("cpu:0", "cpu:1"):
         states = {state: value(after, "sd3_device_state", device=device, state=state)
                   for state in ("loading", "ready", "failed")}
         assert states == {"loading": 0, "ready": 1, "failed": 0}, (device, states)
     assert value(after, "sd3_requests_waiting") == 0 and value(after, "sd3_requests_running") == 0
-    # Buckets for seconds-long generations, not the web's milliseconds; no request id or prompt in a label.
+    # Buckets for seconds-long generations, not the web's milliseconds; no request id or prompt in any label.
     assert {"5.0", "30.0", "120.0"} <= bucket_labels(after, "sd3_generation_seconds")
-    labels = {key for _, sample_labels in after for key, _ in sample_labels}
-    assert not labels & {"request_id", "prompt"}
+    label_values = " ".join(value for _, sample_labels in after for _, value in sample_labels)
+    sent = [answer.json()["request_id"] for answer in pair + [repainted]] + [f"pair {gate}" for gate in gates]
+    assert not [text for text in sent if text in label_values]
+
+
+def test_every_series_exists_from_start_up_at_zero(make_server):
+    fresh = make_server({"SD3_DEVICE": "cpu,cpu"})
+    samples = scrape(fresh)
+    for name in ("sd3_store_failures_total", "sd3_takeovers_total", "sd3_requests_waiting", "sd3_requests_running",
+                 "sd3_spooled_images"):
+        assert (name, ()) in samples and samples[(name, ())] == 0, name
+    from sd3_service.errors import ERROR_CODES
+
+    for code in ERROR_CODES:
+        assert samples[("sd3_request_errors_total", (("code", code),))] == 0, code
+    for mode in ("txt2img", "img2img", "inpaint"):
+        assert samples[("sd3_images_total", (("mode", mode),))] == 0
+        assert samples[("sd3_generation_seconds_count", (("mode", mode),))] == 0
+    for stage in ("queue", "inputs", "generate", "encode", "store"):
+        assert samples[("sd3_request_seconds_count", (("stage", stage),))] == 0
+    for operation in ("create", "read", "replace"):
+        assert samples[("sd3_ledger_seconds_count", (("operation", operation),))] == 0
+    for device in ("cpu:0", "cpu:1"):
+        assert samples[("sd3_device_busy_seconds_total", (("device", device),))] == 0
+
+
+def test_a_request_still_running_is_no_error_on_either_surface(pool):
+    import openai
+
+    gate = f"in-progress-{uuid.uuid4().hex[:6]}"
+    before = scrape(pool)
+    with pool.client() as client, ThreadPoolExecutor(1) as thread:
+        held = thread.submit(client.post, "/predict", json={"prompt": pool.hold(gate), "request_id": gate, **SMALL})
+        try:
+            pool.wait_held(gate)
+            native = client.post("/predict", json={"request_id": gate})
+            with openai.OpenAI(base_url=pool.url + "/v1", api_key="unused", max_retries=0) as sdk:
+                with pytest.raises(openai.ConflictError) as conflict:  # Idempotency-Key: the same request, running
+                    sdk.images.generate(prompt=pool.hold(gate), size="256x256",
+                                        extra_body={"num_inference_steps": 2}, extra_headers={"Idempotency-Key": gate})
+        finally:
+            pool.release(gate)
+        assert held.result().status_code in (200, 202)  # done, or past the pool's 5 s wait
+    assert native.status_code == 202 and conflict.value.code == "request_in_progress"
+    after = scrape(pool)
+    errors = sum(value for (name, _), value in after.items() if name == "sd3_request_errors_total") - \
+        sum(value for (name, _), value in before.items() if name == "sd3_request_errors_total")
+    assert errors == 0
 
 
 def test_a_held_generation_is_running_and_the_ones_behind_it_wait(pool):

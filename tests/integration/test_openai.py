@@ -106,9 +106,12 @@ def test_an_edit_without_a_mask_is_image_to_image_and_the_same_request_on_predic
 
 
 def test_quality_sets_the_steps_unless_they_are_sent(client, server):
-    key = uuid.uuid4().hex
+    key, sent = uuid.uuid4().hex, uuid.uuid4().hex
     client.images.generate(prompt="a kite", size="256x256", quality="low", extra_headers={"Idempotency-Key": key})
     assert re.search(rf"\[{key}\] Generated 1 image\(s\) 256x256 \(txt2img\), 14 steps", server.log())
+    client.images.generate(prompt="a kite", size="256x256", quality="low", extra_body={"num_inference_steps": 3},
+                           extra_headers={"Idempotency-Key": sent})
+    assert re.search(rf"\[{sent}\] Generated 1 image\(s\) 256x256 \(txt2img\), 3 steps", server.log())
 
 
 def _generate(client, **fields):
