@@ -30,11 +30,14 @@ def _errors() -> dict[str, Any]:
         "409": _error("`request_in_progress`: not done within the server's wait; with an Idempotency-Key, the same "
                       "request again collects it (`Retry-After`); `request_id_reused`: the key was first sent with "
                       "other parameters", RETRY_AFTER),
+        "410": _error("`image_gone`: a repeat's (the same Idempotency-Key) image is no longer in the store (a "
+                      "lifecycle rule removed it); the message names the request id"),
         "413": _error("`payload_too_large`: the body is over the size limit (10 MB)"),
         "429": _error("`queue_full`: more requests wait than the queue holds", RETRY_AFTER),
         "500": _error("`internal_error`: a bug; the server log has the details"),
         "503": _error("`not_ready`: the model is loading, or failed to load; `lora_unavailable`: an `oci://` adapter "
-                      "cannot be read now", RETRY_AFTER),
+                      "cannot be read now; `store_unavailable`: a repeat's image cannot be read back from the store "
+                      "now", RETRY_AFTER),
     }
 
 
