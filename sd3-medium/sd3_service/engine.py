@@ -148,14 +148,15 @@ class Engine:
         sync_wait = None if wait_to_end else self.sync_wait_seconds
         request_id = request.request_id or uuid.uuid4().hex
         parameters = recorded_parameters(request, self.keep_text, self._fused())
-        job = self.lifecycle.held(request_id, parameters)
-        if job is not None:
-            request_log(request_id).info("Repeated request_id: answering from this process")
-            return await self._outcome(job, request.wait, sync_wait)
         if request.request_id is not None:  # a repeat answered before (elsewhere, or before a restart)?
             recorded = await self._recorded_answer(request_id, parameters)
             if recorded is not None:
                 return Finished(self.writer.as_stored_since(recorded))
+        # Held here? Checked after the read, with nothing awaited from here to `open`: one job per id.
+        job = self.lifecycle.held(request_id, parameters)
+        if job is not None:
+            request_log(request_id).info("Repeated request_id: answering from this process")
+            return await self._outcome(job, request.wait, sync_wait)
         if not self.pool.ready_count():
             raise not_ready(self.pool.error())
         if request.loras:
@@ -202,7 +203,10 @@ class Engine:
     async def _recorded_answer(self, request_id: str, parameters: dict) -> Answer | None:
         """The recorded answer of an id whose request is done, read once before any admission: a repeat never
         competes for a place (or waits for the model) to be given an answer it already has. Its own recorded error
-        (4xx) is raised; for anything else (no record, running, a service failure, the store down) None."""
+        (4xx) is raised; for anything else (held here, no record, running, a service failure, the store down)
+        None."""
+        if self.lifecycle.book.get(request_id) is not None:  # held here: no store call needed
+            return None
         record = await self.lifecycle.recorded(request_id)
         if record is None or record.state not in ("done", "failed"):
             return None
