@@ -176,13 +176,14 @@ class Soak:
         if response.status_code == 200:
             self.answered(request_id, response.json(), body)
 
-    def poll(self, name: str, request_id: str, timeout: float = 120):
+    def poll(self, name: str, request_id: str, timeout: float = 300):
         import httpx
 
         deadline = time.monotonic() + timeout
         url = self.servers[name].url + "/predict"
-        while True:
-            response = self.retrying(lambda: httpx.post(url, json={"request_id": request_id}, timeout=60))
+        while True:  # a poller keeps polling through an outage (503 with Retry-After) until its own deadline
+            response = self.retrying(lambda: httpx.post(url, json={"request_id": request_id}, timeout=60),
+                                     attempts=30)
             if response.status_code != 202 or time.monotonic() > deadline:
                 return response
             time.sleep(0.3)
@@ -332,6 +333,7 @@ class Soak:
         log = "\n".join(path.read_text(errors="replace") for path in self.logs)
         generations = collections.Counter(re.findall(r"\[(soak-[\w-]+)\] Generating on", log))
         taken_over = set(re.findall(r"\[(soak-[\w-]+)\] Took over from", log))
+        unclaimed = set(re.findall(r"\[(soak-[\w-]+)\] (?:The ledger's store failed moments ago|Cannot claim)", log))
         per_id = collections.Counter(generations.values())
         more_than_once = {rid: count for rid, count in generations.items() if count > 1}
         statuses = collections.Counter()
@@ -352,7 +354,8 @@ class Soak:
             "images_lost": len(lost), "lost": lost[:10],
             "repeats_with_other_images": len(self.repeat_mismatches),
             "generations_per_id": {str(count): ids for count, ids in sorted(per_id.items())},
-            "generated_more_than_once": {rid: {"generations": count, "taken_over": rid in taken_over}
+            "generated_more_than_once": {rid: {"generations": count, "taken_over": rid in taken_over,
+                                               "served_unclaimed_in_the_outage": rid in unclaimed}
                                          for rid, count in more_than_once.items()},
             "workers": {name: self.worker_figures(name) for name in sorted(self.rss)},
             "longest_without_lease_renewal_s": round(self.longest_without_renewal, 2),

@@ -20,7 +20,10 @@ def test_soak_short(tmp_path):
     assert report["images_answered"] > 0 and report["images_lost"] == 0 and report["spools_empty_after"]
     assert report["5xx"] == 0 and report["repeats_with_other_images"] == 0
     assert set(report["generations_per_id"]) <= {"1", "2"}
-    assert all(more["taken_over"] for more in report["generated_more_than_once"].values())
+    # Twice only when taken over from the killed instance, or served while the store could not say it was claimed
+    # (then with the same seed and names: the same images, as `repeats_with_other_images` checks).
+    assert all(more["taken_over"] or more["served_unclaimed_in_the_outage"]
+               for more in report["generated_more_than_once"].values())
     assert not [key for key in report["connection_errors"] if not key.startswith("b:")]  # only the killed one
     kinds = {key.rsplit(" ", 1)[0] for key in report["by_kind"]}
     assert {"native txt2img", "native img2img", "native inpaint", "native lora", "native polled", "native repeat",

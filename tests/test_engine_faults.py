@@ -285,3 +285,44 @@ def test_retry_after_scales_with_the_steps_and_pixels_of_the_generations_ahead(t
     # Seeded by the warm-up's time per step (2 steps at 1024²): 40 steps at 1024² are 20 warm-ups, 2 at 256² a 16th.
     assert large > small >= 1, (large, small)
     engine.shutdown()
+
+
+class RecordsDownAtFirst(LocalRecords):
+    """Local records whose calls fail (a store outage) until the test sets `down` to False."""
+
+    down = True
+
+    def create_record(self, name, data):
+        if self.down:
+            raise StoreError("the bucket stopped answering")
+        return super().create_record(name, data)
+
+
+def test_a_request_served_during_an_outage_is_claimed_once_the_store_is_back_while_it_still_runs(tiny, tmp_path):
+    records = RecordsDownAtFirst(tmp_path / "records")
+    engine = ready(make_engine(tiny, LocalFolderStore(tmp_path / "images"), tmp_path,
+                               ledger=ledger_in(None, lease_seconds=1.5, records=records)))
+    engine.lifecycle.pause_seconds = 0.5  # after a failed claim, the ledger is skipped this long
+    device = hold_device(engine)
+
+    async def scenario():
+        assert isinstance(await engine.run(ImageRequest(prompt="hold", request_id="late", wait=False, **SMALL)),
+                          Pending)
+        assert await asyncio.get_running_loop().run_in_executor(None, device.held.wait, 30)
+        records.down = False  # the store is back, the request still runs
+        for _ in range(300):  # a hang guard, not a time bound
+            found = records.read_record("sd3/requests/late.json")
+            if found is not None:
+                break
+            await asyncio.sleep(0.1)
+        device.release()
+        while isinstance(await engine.poll("late"), Pending):
+            await asyncio.sleep(0.05)
+        return found
+
+    found = asyncio.run(scenario())
+    assert found is not None, "no record until the answer"
+    claimed = json.loads(found[0])
+    assert claimed["state"] in ("queued", "running") and claimed["owner"] == "me"  # seen by others while it ran
+    assert json.loads(records.read_record("sd3/requests/late.json")[0])["state"] == "done"
+    engine.shutdown()

@@ -27,6 +27,7 @@ class Job:
     work: asyncio.Future | None = None  # dropped once done, with the encoded images it ended with
     answer: Answer | None = None  # once done
     record: Record | None = None  # its record as last written; None: not in the ledger
+    unclaimed: bool = False  # served without a claim while the store was down: claimed once it is back
     etag: str | None = None
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # one ledger write at a time
     progress: tuple[int, int] | None = None  # (step, steps) while running; replaced whole, so read whole

@@ -116,6 +116,7 @@ class Lifecycle:
         if time.monotonic() < self._down_until:
             request_log(job.request_id).warning("The ledger's store failed moments ago: serving it from this "
                                                 "process; its record is written once the store is back")
+            job.unclaimed = True
             return None
         try:
             claim = await self._in_io(self.ledger.claim, record)
@@ -123,6 +124,7 @@ class Lifecycle:
             self._down_until = time.monotonic() + self.pause_seconds
             request_log(job.request_id).warning("Cannot claim the request in the ledger (%s): serving it from this "
                                                 "process; its record is written once the store is back", exc)
+            job.unclaimed = True
             return None
         if claim.mine:
             job.record, job.etag = claim.record, claim.etag
@@ -268,6 +270,9 @@ class Lifecycle:
 
     async def _renew(self, job: Job) -> None:
         async with job.lock:
+            if job.unclaimed and job.state in ("queued", "running"):
+                await self._claim_late(job)
+                return
             if job.record is None or job.etag is None or job.state not in ("queued", "running"):
                 return
             record = replace(self.ledger.renewed(job.record), state=job.state)
@@ -282,6 +287,25 @@ class Lifecycle:
                 job.etag = None
                 return
             job.record, job.etag = record, etag
+
+    async def _claim_late(self, job: Job) -> None:
+        """Claim a job served while the store was down, once it is back: other instances then see it (a poll, a
+        repeat) while it still runs, rather than only once its answer is uploaded from the spool."""
+        if time.monotonic() < self._down_until:
+            return
+        record = replace(self.ledger.new_record(job.request_id, job.seed, job.parameters, job.day), state=job.state)
+        try:
+            claim = await self._in_io(self.ledger.claim, record)
+        except StoreError:
+            self._down_until = time.monotonic() + self.pause_seconds
+            return
+        job.unclaimed = False
+        if claim.mine:
+            job.record, job.etag = claim.record, claim.etag
+            request_log(job.request_id).info("Claimed its record now that the store is back")
+        else:  # another instance claimed the id meanwhile: the same seed and names make the same images
+            request_log(job.request_id).warning("Another instance (%s) claimed it while the store was down here",
+                                                claim.record.owner)
 
     def stop(self) -> None:
         if self._renewing is not None:
