@@ -74,7 +74,7 @@ def main(argv=None) -> dict:
                     for _ in range(plan["requests"]):
                         answer = client.post("/predict", json={**body, "request_id": uuid.uuid4().hex})
                         assert answer.status_code == 200, answer.text
-                        inline += sum(len(image["data"] or "") for image in answer.json()["images"])
+                        inline += sum(len(image.get("data") or "") for image in answer.json()["images"])
                         rss.append(worker.memory_info().rss / 1e6)
                     phases[phase] = {"rss_mb": [round(value, 1) for value in rss],
                                      "mb_per_request": round(slope(rss), 2),
