@@ -304,3 +304,27 @@ def test_a_file_another_uploader_set_aside_first_does_not_stop_this_one(tmp_path
     assert first.upload_pending()  # before the fix: FileNotFoundError, and the upload thread died
     assert (spool.root / "corrupt" / bad.name).exists()
     assert (tmp_path / "images" / intact.name).read_bytes() == intact.data
+
+
+def test_a_nudge_cuts_the_uploaders_backoff_short_once_the_store_answers_again(tmp_path):
+    class Counting(BuggyStore):
+        tries = 0
+
+        def put(self, image):
+            self.tries += 1
+            return super().put(image)
+
+    folder = Counting(tmp_path / "images")
+    # A backoff of a minute: without the nudge, nothing would be retried within this test's guard.
+    spooling = SpoolingStore(folder, Spool(tmp_path / "spool"), retry_min_seconds=60, retry_max_seconds=60)
+    kept = image()
+    assert spooling.put(kept).stored is False
+    spooling.start()
+    try:
+        wait_until(lambda: folder.tries >= 2, timeout=20)  # the uploader tried once more, failed: in its backoff
+        folder.broken = False  # the store is back; the ledger, say, has just seen it answer
+        spooling.nudge()
+        wait_until(lambda: len(spooling.spool) == 0, timeout=20)
+    finally:
+        spooling.stop(5)
+    assert (tmp_path / "images" / kept.name).read_bytes() == kept.data

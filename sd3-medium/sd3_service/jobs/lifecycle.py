@@ -35,6 +35,9 @@ class RecordSpool(Protocol):
     def put(self, image: ImageObject):
         """Store an object now, or keep it and store it once the store is back (never raises)."""
 
+    def nudge(self) -> None:
+        """The store answered again: upload what was kept now, not after a backoff."""
+
 
 @dataclass(frozen=True)
 class Takeover:
@@ -77,6 +80,7 @@ class Lifecycle:
         self.max_jobs = max_jobs
         self.pause_seconds = pause_seconds
         self._down_until = 0.0
+        self._store_failed = False  # a ledger call failed since the last one that worked
         self._renewing: asyncio.Task | None = None
 
     # -- this process -------------------------------------------------------------------------------
@@ -121,11 +125,12 @@ class Lifecycle:
         try:
             claim = await self._in_io(self.ledger.claim, record)
         except StoreError as exc:
-            self._down_until = time.monotonic() + self.pause_seconds
+            self._store_down()
             request_log(job.request_id).warning("Cannot claim the request in the ledger (%s): serving it from this "
                                                 "process; its record is written once the store is back", exc)
             job.unclaimed = True
             return None
+        self._store_answered()
         if claim.mine:
             job.record, job.etag = claim.record, claim.etag
             return None
@@ -187,8 +192,10 @@ class Lifecycle:
                 except StoreError as exc:
                     request_log(job.request_id).warning("Cannot record the answer now (%s): the spool writes it "
                                                         "later", exc)
+                    self._store_failed = True
                     await self._spool(record, if_absent=False)
                     return
+                self._store_answered()
                 if etag is None:
                     request_log(job.request_id).warning("Its record changed meanwhile (a takeover after a missed "
                                                         "renewal); that one answers with the same seed and names")
@@ -280,7 +287,9 @@ class Lifecycle:
                 etag = await self._in_io(self.ledger.write, record, job.etag)
             except StoreError as exc:
                 request_log(job.request_id).warning("Cannot renew its lease now (%s)", exc)
+                self._store_failed = True
                 return
+            self._store_answered()
             if etag is None:
                 request_log(job.request_id).warning("Lost its record to a takeover (a renewal came too late); "
                                                     "finishing anyway: the same seed makes the same images")
@@ -297,8 +306,9 @@ class Lifecycle:
         try:
             claim = await self._in_io(self.ledger.claim, record)
         except StoreError:
-            self._down_until = time.monotonic() + self.pause_seconds
+            self._store_down()
             return
+        self._store_answered()
         job.unclaimed = False
         if claim.mine:
             job.record, job.etag = claim.record, claim.etag
@@ -313,6 +323,15 @@ class Lifecycle:
         self.io.shutdown(wait=False)
 
     # -- internals
+
+    def _store_down(self) -> None:
+        self._down_until = time.monotonic() + self.pause_seconds
+        self._store_failed = True
+
+    def _store_answered(self) -> None:
+        if self._store_failed:  # back after an outage: what the spool kept (records too) goes up now
+            self._store_failed = False
+            self.spool.nudge()
 
     async def _spool(self, record: Record, if_absent: bool) -> None:
         # Off the event loop: with the store still taken for up, this put is a store call with its retries.

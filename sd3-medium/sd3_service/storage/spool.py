@@ -163,6 +163,7 @@ class SpoolingStore:
         self.state = "unchecked"  # "ok" | "failing"; "unchecked" until the first check or upload
         self.error: str | None = None
         self._wake = threading.Event()
+        self._back = threading.Event()  # the store answered another caller: retry now, not after the backoff
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._stored_later: OrderedDict[str, Location] = OrderedDict()
@@ -235,8 +236,14 @@ class SpoolingStore:
     def stop(self, timeout: float | None = None) -> None:
         self._stop.set()
         self._wake.set()
+        self._back.set()
         if self._thread is not None:
             self._thread.join(timeout)
+
+    def nudge(self) -> None:
+        """The store answered another caller (the ledger) after failing: retry the uploads now, not after the
+        uploader's backoff, so that what the outage kept (answers' records included) is stored promptly."""
+        self._back.set()
 
     def upload_pending(self) -> bool:
         """Upload spooled images meant for this store, oldest first, stopping at the first failure.
@@ -357,7 +364,8 @@ class SpoolingStore:
                 log.exception("The spool's uploader failed; trying again in %.0f s", delay)
                 healthy = False
             if not healthy:
-                self._stop.wait(delay)
+                self._back.wait(delay)  # the backoff, cut short by `nudge` (or `stop`)
+                self._back.clear()
                 delay = min(delay * 2, self.retry_max_seconds)
                 continue
             delay = self.retry_min_seconds
