@@ -75,22 +75,46 @@ def test_records_hold_no_prompt_text_and_no_input_bytes(server):
     assert json.loads(text)["parameters"]["prompt"] == {"sha256": hashlib.sha256(b"a very private prompt").hexdigest()}
 
 
-def test_a_restart_answers_the_same_and_leaves_the_file_untouched(tmp_path):
+def test_a_restart_answers_the_same_and_leaves_the_file_untouched_even_with_its_device_busy(tmp_path):
+    import base64
+    from concurrent.futures import ThreadPoolExecutor
+
+    import openai
+
     body = {"prompt": "a lighthouse", "request_id": "retry-after-restart", "width": 256, "height": 256,
             "num_inference_steps": 2}
+    key, sdk_body = "openai-after-restart", {"prompt": "a kite", "size": "256x256",
+                                             "extra_body": {"num_inference_steps": 2, "seed": 3}}
     first_server = start_server(tmp_path)
     try:
         first = predict(first_server, body).json()
+        with openai.OpenAI(base_url=first_server.url + "/v1", api_key="unused", max_retries=0) as client:
+            first_b64 = client.images.generate(**sdk_body, extra_headers={"Idempotency-Key": key}).data[0].b64_json
     finally:
         stop_server(first_server)
     path = file_of(first["images"][0])
     written = path.stat().st_mtime_ns, hashlib.sha256(path.read_bytes()).hexdigest()
 
-    restarted = start_server(tmp_path)  # the same image folder, a new process
+    # The same image folder, a new process whose one device is busy and whose queue has no room: a repeat is
+    # answered from its record before any admission (on both surfaces), where a new request gets 429.
+    restarted = start_server(tmp_path, {"MAX_QUEUE": "0"}, gates=True)
     try:
-        again = predict(restarted, body)
+        with ThreadPoolExecutor(1) as thread:
+            busy = thread.submit(predict, restarted, {"prompt": restarted.hold("busy"), "width": 256, "height": 256,
+                                                      "num_inference_steps": 2})
+            try:
+                restarted.wait_held("busy")
+                assert predict(restarted, {**body, "request_id": "a-new-one"}).status_code == 429
+                again = predict(restarted, body)
+                with openai.OpenAI(base_url=restarted.url + "/v1", api_key="unused", max_retries=0) as client:
+                    again_b64 = client.images.generate(**sdk_body, extra_headers={"Idempotency-Key": key})
+            finally:
+                restarted.release("busy")
+            assert busy.result().status_code == 200
         assert again.status_code == 200 and again.json() == first, again.text
-        assert "[retry-after-restart] Generating" not in restarted.log()
+        assert base64.b64decode(again_b64.data[0].b64_json) == base64.b64decode(first_b64)
+        assert "[retry-after-restart] Generating" not in restarted.log() and f"[{key}] Generating" not in \
+            restarted.log()
         assert (path.stat().st_mtime_ns, hashlib.sha256(path.read_bytes()).hexdigest()) == written
         assert written[1] == first["images"][0]["sha256"]
     finally:
