@@ -44,7 +44,7 @@ case "${1:-}" in
     bench)
         install -c requirements.lock
         shift
-        say "running each benchmark in its small configuration and checking what it reports (about 3 minutes)"
+        say "running each benchmark in its small configuration and checking what it reports (about 5 minutes)"
         exec "$VENV/bin/python" -m pytest benchcheck -n 2 --dist loadfile -p no:cacheprovider "$@"
         ;;
     image)
