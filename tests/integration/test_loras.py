@@ -294,6 +294,22 @@ def test_the_edit_forms_adapter_parts_group_by_number_whatever_their_order(pool)
         edit(pool, [("loras[0][name]", "ink")])
 
 
+def test_the_sdks_edit_sends_adapters_as_form_parts_the_surface_groups(pool):
+    # The SDK sends every adapter's loras[][name] first, then every loras[][scale]: the i-th of each goes together.
+    def sdk_edit(loras):
+        with openai.OpenAI(base_url=pool.url + "/v1", api_key="unused", max_retries=0) as client:
+            return client.images.edit(image=("start.png", START, "image/png"), prompt="a lighthouse", size="256x256",
+                                      extra_body={"seed": 3, "num_inference_steps": 2, "loras": loras})
+
+    result = sdk_edit([{"name": "ink", "scale": 0.5}, {"name": "wave", "scale": 1.2}])
+    sent = hashlib.sha256(base64.b64decode(result.data[0].b64_json)).hexdigest()
+    assert sent == edit(pool, [("loras[0][name]", "ink"), ("loras[0][scale]", "0.5"), ("loras[1][name]", "wave"),
+                               ("loras[1][scale]", "1.2")])
+    with pytest.raises(openai.BadRequestError) as ambiguous:  # which adapter the one scale is for cannot be told
+        sdk_edit([{"name": "ink"}, {"name": "wave", "scale": 0.5}])
+    assert ambiguous.value.param == "loras" and "loras[0][scale]" in ambiguous.value.message
+
+
 def pixels_of(image: dict) -> np.ndarray:
     return np.asarray(Image.open(file_of(image)).convert("RGB"), dtype=np.int16)
 

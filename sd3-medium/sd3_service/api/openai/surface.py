@@ -167,6 +167,18 @@ def _json_field(name: str, text: str):
         raise invalid_field(name, "not JSON: send a list such as [{\"name\": \"ink\", \"scale\": 0.8}]") from None
 
 
+def _by_position(parts: dict[str, list]) -> list[dict]:
+    """Unnumbered adapter parts as adapters: the i-th value of each part is the i-th adapter's; 400 when a part is
+    missing for some adapters, since it cannot be told which."""
+    count = max((len(values) for values in parts.values()), default=0)
+    for key, values in parts.items():
+        if len(values) != count:
+            raise invalid_field("loras", f"the form has {count} adapters but {len(values)} loras[][{key}]: give "
+                                         f"every adapter its {key} (in extra_body), or number them as "
+                                         f"loras[0][{key}]")
+    return [{key: values[index] for key, values in parts.items()} for index in range(count)]
+
+
 LORA_FORM_PART = re.compile(r"^loras\[(\d{0,2})\]\[(\w+)\]$")
 
 
@@ -179,7 +191,9 @@ async def _edit_form(request: Request) -> tuple[EditForm, bytes, bytes | None]:
     images = form.getlist("image") + form.getlist("image[]")
     fields: dict = {}
     numbered: dict[int, dict] = {}  # loras[0][name], loras[0][scale]: grouped by their number, in any order
-    unnumbered: list[dict] = []  # the SDK's `extra_body={"loras": [...]}`: loras[][name], loras[][scale], ...
+    # The SDK's `extra_body={"loras": [...]}` sends loras[][name] for every adapter, then loras[][scale] for every
+    # one that has it: the i-th value of each part belongs to the i-th adapter.
+    unnumbered: dict[str, list] = {}
     for name, value in form.multi_items():
         if name in ("image", "image[]", "mask"):
             continue
@@ -190,15 +204,13 @@ async def _edit_form(request: Request) -> tuple[EditForm, bytes, bytes | None]:
             if number:
                 numbered.setdefault(int(number), {})[key] = value
             else:
-                if not unnumbered or key in unnumbered[-1]:  # a part seen already starts the next adapter
-                    unnumbered.append({})
-                unnumbered[-1][key] = value
+                unnumbered.setdefault(key, []).append(value)
         elif name == "loras":  # or the list as JSON text, as curl -F sends it
             fields[name] = _json_field(name, value)
         else:
             fields[name] = value
     if numbered or unnumbered:
-        fields["loras"] = [numbered[number] for number in sorted(numbered)] + unnumbered
+        fields["loras"] = [numbered[number] for number in sorted(numbered)] + _by_position(unnumbered)
     problems: list[Problem] = []
     if not images:
         problems.append(Problem("image", "'image' is required: the image to edit, as a file"))
