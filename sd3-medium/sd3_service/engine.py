@@ -32,7 +32,7 @@ from sd3_service.errors import ServiceError, invalid_field, not_ready
 from sd3_service.inputs import InputReader
 from sd3_service.jobs.book import Job
 from sd3_service.jobs.ledger import Record, recorded_parameters, seed_for
-from sd3_service.jobs.lifecycle import Lifecycle, refuse_if_reused, request_log
+from sd3_service.jobs.lifecycle import Lifecycle, request_log
 from sd3_service.lora_library import LoraLibrary
 from sd3_service.metrics import METRICS
 from sd3_service.pipelines.devices import DevicePool, Ticket
@@ -149,7 +149,8 @@ class Engine:
         request_id = request.request_id or uuid.uuid4().hex
         parameters = recorded_parameters(request, self.keep_text, self._fused())
         if request.request_id is not None:  # a repeat answered before (elsewhere, or before a restart)?
-            recorded = await self._recorded_answer(request_id, parameters)
+            recorded = await self.lifecycle.answered_before(request_id, parameters,
+                                                            fused_known=self.pool.model() is not None)
             if recorded is not None:
                 return Finished(self.writer.as_stored_since(recorded))
         # Held here? Checked after the read, with nothing awaited from here to `open`: one job per id.
@@ -188,39 +189,15 @@ class Engine:
         for image in finished.answer.images:
             try:
                 files.append(await self._in_io(self.writer.read, image))
-            except ObjectRefused as exc:
-                if exc.status != 404:
-                    raise ServiceError(503, "store_unavailable", f"cannot read image {image.object_name} of request "
-                                                                 f"'{request_id}' back now: {exc}", retry_after=10)
-                raise ServiceError(410, "image_gone", f"image {image.object_name} of request '{request_id}' is no "
-                                                      "longer in the store (a lifecycle rule may have removed it); "
-                                                      "send the request with a new request_id to make it again")
-            except StoreError as exc:
+            except (ObjectRefused, StoreError) as exc:
+                if isinstance(exc, ObjectRefused) and exc.status == 404:
+                    raise ServiceError(410, "image_gone", f"image {image.object_name} of request '{request_id}' is "
+                                                          "no longer in the store (a lifecycle rule may have removed "
+                                                          "it); send the request with a new request_id to make it "
+                                                          "again") from None
                 raise ServiceError(503, "store_unavailable", f"cannot read image {image.object_name} of request "
-                                                             f"'{request_id}' back now: {exc}", retry_after=10)
+                                                             f"'{request_id}' back now: {exc}", retry_after=10) from None
         return files
-
-    async def _recorded_answer(self, request_id: str, parameters: dict) -> Answer | None:
-        """The recorded answer of an id whose request is done, read once before any admission: a repeat never
-        competes for a place (or waits for the model) to be given an answer it already has. Its own recorded error
-        (4xx) is raised; for anything else (held here, no record, running, a service failure, the store down)
-        None."""
-        if self.lifecycle.book.get(request_id) is not None:  # held here: no store call needed
-            return None
-        record = await self.lifecycle.recorded(request_id)
-        if record is None or record.state not in ("done", "failed"):
-            return None
-        if self.pool.model() is None:  # the fused adapters are known once the model is placed: taken as recorded
-            parameters = {**parameters, "fused_loras": record.parameters.get("fused_loras", [])}
-            if not parameters["fused_loras"]:
-                del parameters["fused_loras"]
-        refuse_if_reused(request_id, record.parameters, parameters, record.seed)
-        if record.state == "failed":
-            if record.error["status"] < 500:
-                raise ServiceError.from_record(record.error)  # its own fault: it would fail again
-            return None  # a service failure: run again, through the claim
-        request_log(request_id).info("Repeated request_id: answering its recorded answer (owner %s)", record.owner)
-        return Answer.model_validate(record.answer)
 
     # -- the work of one request, as its own task ------------------------------------------------------
 

@@ -152,12 +152,10 @@ class Lifecycle:
         interval = max(0.2, min(2.0, self.ledger.lease_seconds / 5))
         while True:
             job.state = record.state if record.state in ("queued", "running") else job.state
-            if record.state == "done":
-                request_log(job.request_id).info("Answering the recorded answer (owner %s)", record.owner)
+            answer = recorded_outcome(record)
+            if answer is not None:
                 job.state = "done"
-                return Answer.model_validate(record.answer)
-            if record.state == "failed" and record.error["status"] < 500:
-                raise ServiceError.from_record(record.error)  # the request's own fault: it would fail again
+                return answer
             if record.state == "failed" or not record.lease_live():  # a service failure, or a dead owner
                 taken = await self._in_io(self.ledger.take_over, record, etag)
                 if taken is not None:
@@ -222,7 +220,25 @@ class Lifecycle:
                                                     store_error)
             job.etag = None
 
-    async def recorded(self, request_id: str) -> Record | None:
+    async def answered_before(self, request_id: str, parameters: dict, fused_known: bool = True) -> Answer | None:
+        """The recorded answer of an id done before (elsewhere, or before a restart), read once, so that a repeat is
+        answered before any admission (never refused for a full queue or a model still loading); its own recorded
+        error (4xx) is raised. None for anything else: held here, no record, running, a service failure, the store
+        down. `fused_known`: False while the model loads (the fused adapters are not known yet: taken as recorded).
+        """
+        if self.book.get(request_id) is not None:  # held here: answered from memory, no store call
+            return None
+        record = await self._recorded(request_id)
+        if record is None:
+            return None
+        if not fused_known:
+            parameters = {**parameters, "fused_loras": record.parameters.get("fused_loras", [])}
+            if not parameters["fused_loras"]:
+                del parameters["fused_loras"]
+        refuse_if_reused(request_id, record.parameters, parameters, record.seed)
+        return recorded_outcome(record)
+
+    async def _recorded(self, request_id: str) -> Record | None:
         """The id's record, read once; None without a ledger, without a record, or while the store cannot say."""
         if self.ledger is None or time.monotonic() < self._down_until:
             return None
@@ -341,6 +357,17 @@ class Lifecycle:
 
     async def _in_io(self, function, *args):
         return await asyncio.get_running_loop().run_in_executor(self.io, function, *args)
+
+
+def recorded_outcome(record: Record) -> Answer | None:
+    """A record's answer when it is done; its own error raised when it failed by the request's fault (4xx: it would
+    fail again); None while it runs, or after a service failure (run again)."""
+    if record.state == "done":
+        request_log(record.request_id).info("Answering the recorded answer (owner %s)", record.owner)
+        return Answer.model_validate(record.answer)
+    if record.state == "failed" and record.error["status"] < 500:
+        raise ServiceError.from_record(record.error)
+    return None
 
 
 def refuse_if_reused(request_id: str, recorded: dict, sent: dict, recorded_seed: int) -> None:
