@@ -74,6 +74,15 @@ class Server:
     def release(self, name: str) -> None:
         (self.gates / f"{name}.open").touch()
 
+    def all_held_then_released(self, names: list[str]) -> None:
+        """Until a generation waits at every one of these gates (at once: one per device), then open them all."""
+        try:
+            for name in names:
+                self.wait_held(name)
+        finally:
+            for name in names:
+                self.release(name)
+
 
 def start_server(workdir: Path, env: dict[str, str] | None = None, *, wait_ready: bool = True,
                  timeout: float = 180, host: str | None = "127.0.0.1", target: str = ".",

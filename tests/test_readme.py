@@ -60,7 +60,8 @@ def test_the_docs_make_an_adapter_for_the_tiny_model_that_the_service_takes(tmp_
     (tmp_path / "sd3-medium" / "loras").mkdir(parents=True)  # run where they say, in a copy of the layout
     command = command.replace(".venv/bin/python tools/", f"{sys.executable} {README.parent / 'tools'}/")
     for argv in (["bash", "-c", command], [sys.executable, "-c", snippet]):
-        result = subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        result = subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                                env={**os.environ, "HF_HUB_OFFLINE": "1"})  # a local folder: no hub call
         assert result.returncode == 0, result.stderr
     catalog = tmp_path / "sd3-medium" / "loras"
     modules = lora_modules(build_tiny_pipeline())

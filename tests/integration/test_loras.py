@@ -65,12 +65,7 @@ def test_both_devices_make_the_same_bytes_with_the_same_adapters(pool):
         answers = [threads.submit(predict, pool, {**BODY, "prompt": pool.hold(gate, BODY["prompt"]),
                                                   "request_id": gate, "loras": [{"name": "wave"}, {"name": CLOUD}]})
                    for gate in gates]
-        try:
-            for gate in gates:  # both generating at once: one on each device
-                pool.wait_held(gate)
-        finally:
-            for gate in gates:
-                pool.release(gate)
+        pool.all_held_then_released(gates)  # both generating at once: one on each device
         shas = [answer.result().json()["images"][0]["sha256"] for answer in answers]
     devices = {re.search(rf"\[{gate}\] Generating on cpu \(device (\d)\)", pool.log())[1] for gate in gates}
     assert devices == {"0", "1"} and shas[0] == shas[1]

@@ -37,12 +37,7 @@ def test_requests_by_mode_both_devices_busy_errors_by_code_and_nothing_left_wait
     with pool.client() as client, ThreadPoolExecutor(2) as threads:
         pair = [threads.submit(client.post, "/predict", json={"prompt": pool.hold(gate, f"pair {gate}"),
                                                                "request_id": gate, **SMALL}) for gate in gates]
-        try:
-            for gate in gates:  # both generating at once: one on each device
-                pool.wait_held(gate)
-        finally:
-            for gate in gates:
-                pool.release(gate)
+        pool.all_held_then_released(gates)  # both generating at once: one on each device
         pair = [answer.result() for answer in pair]
         repainted = client.post("/predict", json={"prompt": "a", "image": b64(noise(256, 256)), **SMALL})
         refused = client.post("/predict", json={"prompt": "a", "width": 7})
