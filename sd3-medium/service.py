@@ -1,5 +1,5 @@
 """SD3 Medium image generation, served by BentoML: the native API (`POST /predict`, `GET /health`, `POST /txt2img`,
-`POST /img2img`) and the OpenAI Images API (`/v1/images/generations`, `/v1/images/edits`, `/v1/models`).
+`POST /img2img`) and the OpenAI Images API (`/v1/images/generations`, `/edits`, `/variations`, `/v1/models`).
 
 This file is routing and wiring only: each route hands off to its API surface (`sd3_service/api/`), an
 adapter over the one engine (`sd3_service/engine.py`) that `sd3_service/compose.py` builds from the
@@ -56,6 +56,7 @@ class SD3MediumService:
     def __init__(self) -> None:
         self.engine = build_engine(SETTINGS, self.loaders)
         routes.state.engine = self.engine
+        routes.state.model_names = SETTINGS.model_names
         log.info("Images go to %s; devices %s; predict on %s, health on %s", self.engine.writer.describe(),
                  SETTINGS.sd3_device, PREDICT_ROUTE, HEALTH_ROUTE)
         self.engine.start()

@@ -140,6 +140,11 @@ class Engine:
         model = self.pool.model()
         return None if model is None else model[0]
 
+    def model_id(self) -> str | None:
+        """The served model's id for clients (see `ModelSource.id`), once one is placed."""
+        source = self.pool.source()
+        return None if source is None else source.id
+
     # -- requests -----------------------------------------------------------------------------------
 
     async def run(self, request: ImageRequest, wait_to_end: bool = False) -> Finished | Pending:

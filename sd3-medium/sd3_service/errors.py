@@ -17,7 +17,7 @@ from dataclasses import dataclass
 ERROR_CODES = ("invalid_input", "malformed_json", "malformed_form", "payload_too_large", "queue_full", "not_ready",
                "input_not_found", "input_unavailable", "lora_not_found", "lora_unavailable", "model_not_found",
                "unknown_request", "request_id_reused", "request_interrupted", "ledger_unavailable",
-               "store_unavailable", "image_gone", "internal_error")
+               "store_unavailable", "image_gone", "not_found", "method_not_allowed", "internal_error")
 
 
 @dataclass

@@ -79,6 +79,9 @@ class Settings(BaseSettings):
 
     model_deploy_predict_endpoint: str = Field("/predict", description="route of the predict API (OCI MD remaps it)")
     model_deploy_health_endpoint: str = Field("/health", description="route of the health check (OCI MD remaps it)")
+    served_model_names: str | None = Field(
+        None, description="comma list of the names the OpenAI surface answers to (its `model` field), listed by "
+                          "`GET /v1/models`; the served model's id when unset (`sd3-tiny` for the tiny model)")
     max_body_bytes: int = Field(10 * 1024 * 1024, description="OCI Model Deployment caps payloads at 10 MB")
     max_queue: int = Field(4, ge=0, description="requests waiting for a device beyond the one running on each; "
                                                 "more get 429")
@@ -99,6 +102,11 @@ class Settings(BaseSettings):
         if self.input_buckets is not None:
             return frozenset(self.input_buckets.split(","))
         return frozenset({self.bucket_name} if self.bucket_name else ())
+
+    @property
+    def model_names(self) -> tuple[str, ...]:
+        """`SERVED_MODEL_NAMES` as a tuple; empty when unset (the served model's id is used)."""
+        return tuple(name.strip() for name in (self.served_model_names or "").split(",") if name.strip())
 
     @property
     def lora_catalog(self) -> Path:

@@ -12,7 +12,8 @@ import re
 from dataclasses import dataclass, field, replace
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic.fields import FieldInfo
 
 MAX_SEED = 2**32 - 1
 MIN_SIDE, MAX_SIDE = 256, 1536  # pixels, for generated images and for input images alike
@@ -28,6 +29,8 @@ CONTENT_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 OutputFormat = Literal["png", "jpeg", "webp"]
 Mode = Literal["txt2img", "img2img", "inpaint"]
 DEFAULT_QUALITY = 95  # JPEG and WebP, when the request does not say
+DEFAULT_STEPS = 28
+DEFAULT_GUIDANCE = 7.0
 DEFAULT_STRENGTH = 0.8
 REQUEST_ID = r"^[A-Za-z0-9_-]{1,64}$"
 
@@ -82,8 +85,8 @@ class ImageRequest:
 
     prompt: str
     negative_prompt: str | None = None
-    num_inference_steps: int = 28
-    guidance_scale: float = 7.0
+    num_inference_steps: int = DEFAULT_STEPS
+    guidance_scale: float = DEFAULT_GUIDANCE
     width: int | None = DEFAULT_SIDE
     height: int | None = DEFAULT_SIDE
     seed: int | None = None
@@ -116,6 +119,18 @@ class ImageRequest:
     def sized(self, width: int, height: int) -> ImageRequest:
         return replace(self, width=width, height=height)
 
+    def parameters(self, seed: int | None = None) -> dict:
+        """What to make, as records and sidecars keep it (input images as sent; `seed`: the one used, when known).
+        Fields at their default are left out, so that a record stays comparable when a field is added."""
+        parameters = {"prompt": self.prompt, "negative_prompt": self.negative_prompt,
+                      "num_inference_steps": self.num_inference_steps, "guidance_scale": self.guidance_scale,
+                      "width": self.width, "height": self.height, "seed": self.seed if seed is None else seed,
+                      "output_format": self.output_format, "num_images": self.num_images}
+        optional = {"image": self.image, "mask_image": self.mask_image, "strength": self.repaint_strength,
+                    "output_quality": self.output_quality, "mask_alpha": self.mask_alpha or None,
+                    "loras": [{"name": lora.name, "scale": lora.scale} for lora in self.loras] or None}
+        return parameters | {name: value for name, value in optional.items() if value is not None}
+
 
 def _visible(prompt: str) -> str:
     if not prompt.strip():
@@ -127,7 +142,18 @@ Prompt = Annotated[str, Field(min_length=1, max_length=MAX_PROMPT_CHARS), AfterV
 """A prompt as every API surface takes it: 1 to `MAX_PROMPT_CHARS` characters, not only blanks."""
 
 
-class LoraSpec(BaseModel):
+class WireModel(BaseModel):
+    """A request body as a surface takes it: `null` for a field means its default, as if it were not sent."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_the_default(cls, sent):
+        if isinstance(sent, dict):
+            return {name: value for name, value in sent.items() if value is not None}
+        return sent
+
+
+class LoraSpec(WireModel):
     """One LoRA adapter to apply, as every API surface takes it."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
@@ -144,6 +170,49 @@ class LoraSpec(BaseModel):
 
 LORAS_DESCRIPTION = (f"LoRA adapters to apply, up to {MAX_LORAS}: each `{{\"name\": ..., \"scale\": ...}}`. "
                      "Identified by content (sha256) in the image's metadata and the request's record.")
+
+
+class RequestFields(BaseModel):
+    """Every request parameter, declared once: its type, bounds, default and meaning, under the engine's name.
+
+    Each surface's wire model takes its fields from here with `declared` (under its own name where its API names
+    the field otherwise, and with a note of its own where it adds one); tests/test_request_fields.py checks that
+    every surface field declared here keeps the declared type, and the docs' tables are made from the models.
+    """
+
+    prompt: Prompt = Field(..., description="What to draw.")
+    negative_prompt: str | None = Field(None, max_length=MAX_PROMPT_CHARS, description="What to keep out of the "
+                                                                                         "image.")
+    num_inference_steps: int = Field(DEFAULT_STEPS, ge=1, le=MAX_STEPS, description="Denoising steps; more is "
+                                                                                    "slower and finer.")
+    guidance_scale: float = Field(DEFAULT_GUIDANCE, ge=0, le=MAX_GUIDANCE, description="How strongly to follow the "
+                                                                                       "prompt (CFG).")
+    width: int = Field(DEFAULT_SIDE, ge=MIN_SIDE, le=MAX_SIDE, multiple_of=SIDE_STEP,
+                       description="Image width in pixels, a multiple of 16.")
+    height: int = Field(DEFAULT_SIDE, ge=MIN_SIDE, le=MAX_SIDE, multiple_of=SIDE_STEP,
+                        description="Image height in pixels, a multiple of 16.")
+    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="Random seed; the same seed and parameters give "
+                                                                  "the same image.")
+    num_images: int = Field(1, ge=1, le=MAX_IMAGES, description="How many images to make.")
+    output_format: OutputFormat = Field("png", description="Image file format.")
+    output_quality: int | None = Field(None, ge=0, le=100, description=f"JPEG and WebP quality, 0 to 100 "
+                                                                       f"({DEFAULT_QUALITY} when absent); PNG is "
+                                                                       "lossless.")
+    strength: float = Field(DEFAULT_STRENGTH, gt=0, le=1,
+                            description="How much of the input image to repaint, 0 < strength <= 1 (1 ignores it): "
+                                        "the last strength x num_inference_steps steps run, at least one.")
+    loras: list[LoraSpec] | None = Field(None, max_length=MAX_LORAS, description=LORAS_DESCRIPTION)
+    request_id: str | None = Field(None, pattern=REQUEST_ID, description="Idempotency key: the same id sent again, "
+                                                                         "to any instance, answers the first answer.")
+    user: str | None = Field(None, max_length=256, description="Your end user's id; kept only as its sha256.")
+
+
+def declared(name: str, note: str = "", **changes: Any) -> FieldInfo:
+    """The declaration of request field `name` (a copy, for a surface's model), its description followed by `note`,
+    and `changes` (another `default`, `description` or `alias`) applied."""
+    field_info = RequestFields.model_fields[name]
+    description = changes.pop("description", field_info.description) + note
+    return FieldInfo.merge_field_infos(field_info, description=description, **changes)
 
 
 class StoredImage(BaseModel):

@@ -47,8 +47,10 @@ def adapters(tmp_path_factory) -> Adapters:
 
 @pytest.fixture(scope="session")
 def server(tmp_path_factory) -> Server:
-    """One tiny-model server shared by the read-mostly integration tests; it holds requests at gates on demand."""
-    running = start_server(tmp_path_factory.mktemp("server"), gates=True)
+    """One tiny-model server shared by the read-mostly integration tests; it holds requests at gates on demand, and
+    its OpenAI surface answers to `dall-e-3` as well as the model's own id (`SERVED_MODEL_NAMES`)."""
+    running = start_server(tmp_path_factory.mktemp("server"), {"SERVED_MODEL_NAMES": "sd3-tiny,dall-e-3"},
+                           gates=True)
     yield running
     stop_server(running)
 
@@ -57,7 +59,7 @@ def server(tmp_path_factory) -> Server:
 def pool(tmp_path_factory, adapters) -> Server:
     """A server with two devices (`SD3_DEVICE=cpu,cpu`, two tiny pipelines, one shared queue), shared by the pool,
     metrics, LoRA and OpenAI retry tests; it answers a waiting caller after 5 s (`SYNC_WAIT_SECONDS`), logs JSON,
-    keeps a parameters sidecar beside each image, renews a lease every second (`LEASE_SECONDS=3`), and takes the
+    keeps a parameters sidecar beside each image, renews a lease every second (`LEASE_SECONDS=3`), takes the
     `adapters`."""
     tmp = tmp_path_factory.mktemp("pool")
     running = start_server(tmp, {"SD3_DEVICE": "cpu,cpu", "SYNC_WAIT_SECONDS": "5", "LOG_FORMAT": "json",

@@ -135,7 +135,7 @@ BAD = {
     "compression over 100": (lambda c: _generate(c, output_format="webp", output_compression=101),
                              openai.BadRequestError, "output_compression"),
     "an unknown quality": (lambda c: _generate(c, quality="ultra"), openai.BadRequestError, "quality"),
-    "another model": (lambda c: _generate(c, model="dall-e-3"), openai.NotFoundError, "model"),
+    "another model": (lambda c: _generate(c, model="gpt-image-1"), openai.NotFoundError, "model"),
     "an empty prompt": (lambda c: _generate(c, prompt=""), openai.BadRequestError, "prompt"),
     "a prompt of blanks": (lambda c: _generate(c, prompt=" \n "), openai.BadRequestError, "prompt"),
     "an unknown field": (lambda c: _generate(c, extra_body={"colour": "red"}), openai.BadRequestError, "colour"),
@@ -195,9 +195,14 @@ def test_a_full_queue_raises_rate_limit_error_with_retry_after(client, server):
                 time.sleep(0.02)
 
 
-def test_models_lists_the_served_model(client):
-    assert [(model.id, model.object) for model in client.models.list()] == [("sd3-medium", "model")]
-    assert _generate(client, model="sd3-medium").data  # and it may be named
+def test_models_lists_the_model_really_served_and_answers_to_its_id(pool):
+    client = openai.OpenAI(base_url=pool.url + "/v1", api_key="unused", max_retries=0)  # no SERVED_MODEL_NAMES
+    assert [(model.id, model.object) for model in client.models.list()] == [("sd3-tiny", "model")]
+    assert client.models.retrieve("sd3-tiny").id == "sd3-tiny"
+    assert _generate(client, model="sd3-tiny").data  # and it may be named
+    with pytest.raises(openai.NotFoundError) as other:
+        client.models.retrieve("sd3-medium")  # the tiny model is not called sd3-medium
+    assert other.value.code == "model_not_found" and "`sd3-tiny`" in other.value.message
 
 
 class Answers:

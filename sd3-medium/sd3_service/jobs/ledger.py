@@ -28,8 +28,6 @@ from sd3_service.storage.records import RecordChanged, RecordExists, RecordStore
 
 TEXT_FIELDS = ("prompt", "negative_prompt")
 IMAGE_FIELDS = ("image", "mask_image")
-# Recorded only when they differ from these (records of requests without them stay as they were).
-UNLESS_DEFAULT = {"output_quality": None, "mask_alpha": False, "loras": [], "fused_loras": []}
 
 
 def digest(value: str | bytes) -> dict[str, str]:
@@ -40,16 +38,9 @@ def recorded_parameters(request: ImageRequest, keep_text: bool, fused: list[dict
     """What a request asks for, as its record keeps it: comparable, and free of input bytes (and of the prompt's
     text unless `keep_text`). Its adapters as it named them (a repeat is told apart before anything is downloaded);
     `fused`: the adapters `LORA_FUSE` fused into the weights, by content."""
-    parameters = {"prompt": request.prompt, "negative_prompt": request.negative_prompt,
-                  "num_inference_steps": request.num_inference_steps, "guidance_scale": request.guidance_scale,
-                  "width": request.width, "height": request.height, "seed": request.seed,
-                  "output_format": request.output_format, "num_images": request.num_images,
-                  "image": request.image, "mask_image": request.mask_image,
-                  "output_quality": request.output_quality, "mask_alpha": request.mask_alpha,
-                  "loras": [{"name": lora.name, "scale": lora.scale} for lora in request.loras],
-                  "fused_loras": [{"sha256": adapter["sha256"], "scale": adapter["scale"]} for adapter in fused or ()]}
-    if request.image is not None:
-        parameters["strength"] = request.repaint_strength  # meaningless without an image
+    parameters = request.parameters()
+    if fused:
+        parameters["fused_loras"] = [{"sha256": adapter["sha256"], "scale": adapter["scale"]} for adapter in fused]
     for name in TEXT_FIELDS:
         if parameters.get(name) is not None and not keep_text:
             parameters[name] = digest(parameters[name])
@@ -57,9 +48,6 @@ def recorded_parameters(request: ImageRequest, keep_text: bool, fused: list[dict
         value = parameters.get(name)
         if value is not None and not (isinstance(value, str) and value.startswith("oci://")):
             parameters[name] = digest(value)
-    for name, default in UNLESS_DEFAULT.items():
-        if parameters[name] == default:
-            del parameters[name]
     return parameters
 
 

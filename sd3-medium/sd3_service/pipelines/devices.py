@@ -285,10 +285,16 @@ class DevicePool:
 
     def model(self) -> tuple[str, str] | None:
         """(model name, dtype) of the loaded pipelines, once one is placed."""
-        for device in self.devices:
-            if device.pipeline is not None:
-                return device.pipeline.source.name, device.pipeline.dtype
-        return None
+        source = self.source()
+        return None if source is None else (source.name, self._placed().dtype)
+
+    def source(self):
+        """Where the loaded pipelines' weights came from (a `ModelSource`), once one is placed."""
+        placed = self._placed()
+        return None if placed is None else placed.source
+
+    def _placed(self):
+        return next((device.pipeline for device in self.devices if device.pipeline is not None), None)
 
     def lora_modules(self) -> dict[str, tuple[int, int]] | None:
         """The layers a LoRA adapter may adapt, once a device is placed; None when adapters are off (fused QKV)."""

@@ -30,6 +30,16 @@ class ModelSource:
     kind: str  # "tiny" | "folder" | "hub"
     reason: str
 
+    @property
+    def id(self) -> str:
+        """The model's id for clients (the OpenAI surface's `GET /v1/models`): the hub repo id; `sd3-medium` for the
+        artifact's own `model/` folder (where the docs put SD3 Medium's weights); another folder's name; `sd3-tiny`
+        for the tiny random model."""
+        if self.kind == "folder":
+            folder = Path(self.name)
+            return "sd3-medium" if folder == ARTIFACT_DIR / "model" else folder.name
+        return "sd3-tiny" if self.kind == "tiny" else self.name
+
 
 @dataclass
 class LoadedPipeline:

@@ -135,16 +135,8 @@ class ImageWriter:
         """Store `<request_id>.json`: the body that reproduces these images, and what they are."""
         # Sent back to /predict as the body (with the same `image` and `mask_image`, which are described in
         # `inputs` but never copied here), this makes the same images on the same hardware and software.
-        parameters = {"prompt": request.prompt, "negative_prompt": request.negative_prompt,
-                      "num_inference_steps": request.num_inference_steps, "guidance_scale": request.guidance_scale,
-                      "width": request.width, "height": request.height, "seed": seed,
-                      "num_images": request.num_images, "output_format": request.output_format}
-        if request.image is not None:
-            parameters["strength"] = request.repaint_strength
-        if request.output_quality is not None:
-            parameters["output_quality"] = request.output_quality
-        if request.loras:
-            parameters["loras"] = [{"name": lora.name, "scale": lora.scale} for lora in request.loras]
+        parameters = {name: value for name, value in request.parameters(seed).items()
+                      if name not in ("image", "mask_image", "mask_alpha")}
         record = {
             "request_id": request_id,
             "created": now.isoformat(),

@@ -15,9 +15,8 @@ from typing import Annotated, Literal, Union, get_args, get_origin
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, create_model, field_validator
 
 from sd3_service.errors import ERROR_CODES
-from sd3_service.spec import (DATA_URL, DEFAULT_SIDE, LORAS_DESCRIPTION, MAX_GUIDANCE, MAX_IMAGES, MAX_LORAS,
-                              MAX_PROMPT_CHARS, MAX_SEED, MAX_SIDE, MAX_STEPS, MIN_SIDE, OCI_URI, REQUEST_ID, SIDE_STEP,
-                              Answer, ImageRequest, LoraSpec, Pending, Prompt, base64_payload, decode_base64)
+from sd3_service.spec import (DATA_URL, MAX_SIDE, MIN_SIDE, OCI_URI, REQUEST_ID, Answer, ImageRequest, LoraSpec,
+                              OutputFormat, Pending, WireModel, base64_payload, decode_base64, declared)
 
 
 def _image_form(text: str) -> str:
@@ -47,24 +46,21 @@ IMAGE_FORMS = ("base64 of a PNG, JPEG or WebP file (raw, or a `data:image/...;ba
 _SIZE_NOTE = " With `image` and no size given: the input's size, rounded down to a multiple of 16."
 
 
-class ImageParameters(BaseModel):
+class ImageParameters(WireModel):
     """What to generate: one image's parameters (the body of `POST /txt2img`)."""
 
     # Strict: `true` is not a seed and `"28"` is not a step count; a JSON integer still fills a float field.
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    prompt: Prompt = Field(..., description="What to draw.")
-    negative_prompt: str | None = Field(None, max_length=MAX_PROMPT_CHARS, description="What to keep out of the image.")
-    num_inference_steps: int = Field(28, ge=1, le=MAX_STEPS, description="Denoising steps; more is slower and finer.")
-    guidance_scale: float = Field(7.0, ge=0, le=MAX_GUIDANCE, description="How strongly to follow the prompt (CFG).")
-    width: int = Field(DEFAULT_SIDE, ge=MIN_SIDE, le=MAX_SIDE, multiple_of=SIDE_STEP,
-                       description="Image width in pixels, a multiple of 16." + _SIZE_NOTE)
-    height: int = Field(DEFAULT_SIDE, ge=MIN_SIDE, le=MAX_SIDE, multiple_of=SIDE_STEP,
-                        description="Image height in pixels, a multiple of 16." + _SIZE_NOTE)
-    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="Random seed; the same seed and parameters give "
-                             "the same image. Null: one made from the request id, so a retry makes the same image.")
-    output_format: Literal["png", "jpeg", "webp"] = Field("png", description="Image file format.")
-    loras: list[LoraSpec] | None = Field(None, max_length=MAX_LORAS, description=LORAS_DESCRIPTION)
+    prompt: str = declared("prompt")
+    negative_prompt: str | None = declared("negative_prompt")
+    num_inference_steps: int = declared("num_inference_steps")
+    guidance_scale: float = declared("guidance_scale")
+    width: int = declared("width", _SIZE_NOTE)
+    height: int = declared("height", _SIZE_NOTE)
+    seed: int | None = declared("seed", " Null: one made from the request id, so a retry makes the same image.")
+    output_format: OutputFormat = declared("output_format")
+    loras: list[LoraSpec] | None = declared("loras")
 
 
 def _mask_needs_image(mask: str | None, info: ValidationInfo) -> str | None:
@@ -81,19 +77,16 @@ def _check_strength(strength: float, info: ValidationInfo) -> float:
     return strength
 
 
-_STRENGTH = Field(0.8, gt=0, le=1, description="How much of `image` to repaint, 0 < strength <= 1 (1 ignores it): "
-                                                "the last strength x num_inference_steps steps run, at least one. "
-                                                "Only with `image`.")
-_MASK = Field(None, description="With `image`: repaint only the mask's white area (inpainting); the same forms as "
-                                "`image`, and the same size as it.")
+_MASK_NOTE = ("With `image`: repaint only the mask's white area (inpainting); the same forms as `image`, and the "
+              "same size as it.")
 
 
 class Img2ImgParameters(ImageParameters):
     """Repaint a starting image (the body of `POST /img2img`): `image` is required."""
 
     image: ImageInput = Field(..., description="The starting image: " + IMAGE_FORMS)
-    strength: float = _STRENGTH
-    mask_image: ImageInput | None = _MASK
+    strength: float = declared("strength", " Only with `image`.")
+    mask_image: ImageInput | None = Field(None, description=_MASK_NOTE)
 
     _mask_needs_image = field_validator("mask_image")(_mask_needs_image)
     _check_strength = field_validator("strength")(_check_strength)
@@ -103,19 +96,17 @@ class PredictRequest(ImageParameters):
     """A request to `POST /predict`: text to image, or image to image with `image`, or inpainting with
     `image` and `mask_image`. Every field but `prompt` is optional."""
 
-    num_images: int = Field(1, ge=1, le=MAX_IMAGES, description="How many images to generate from the prompt.")
-    request_id: str | None = Field(
-        None, pattern=REQUEST_ID,
-        description="Idempotency key: the same id sent again, to any instance, returns the first answer (other "
-                    "parameters with it: 409). Null lets the server make one (128-bit random); clients sharing a "
-                    "deployment should use unguessable ids too, since whoever knows an id can poll its answer.",
-    )
+    num_images: int = declared("num_images")
+    request_id: str | None = declared(
+        "request_id", " Other parameters with it: 409. Null lets the server make one (128-bit random); clients "
+                      "sharing a deployment should use unguessable ids too, since whoever knows an id can poll its "
+                      "answer.")
     wait: bool = Field(True, description="False: answer 202 with the request's status as soon as it is accepted, "
                                          "then poll with `{\"request_id\": ...}`. True waits for the images, up to "
                                          "`SYNC_WAIT_SECONDS`, then answers the same 202.")
     image: ImageInput | None = Field(None, description="Start from this image (image to image): " + IMAGE_FORMS)
-    strength: float = _STRENGTH
-    mask_image: ImageInput | None = _MASK
+    strength: float = declared("strength", " Only with `image`.")
+    mask_image: ImageInput | None = Field(None, description=_MASK_NOTE)
 
     _mask_needs_image = field_validator("mask_image")(_mask_needs_image)
     _check_strength = field_validator("strength")(_check_strength)
@@ -125,7 +116,7 @@ class PredictResponse(Answer):
     """The answer to a `POST /predict`."""
 
 
-class PollRequest(BaseModel):
+class PollRequest(WireModel):
     """Polling (the body of `POST /predict` with nothing but an id): the answer once done, else the status."""
 
     model_config = ConfigDict(extra="forbid", strict=True)

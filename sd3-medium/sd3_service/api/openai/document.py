@@ -5,8 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 from sd3_service.api.documents import REF, RETRY_AFTER, Schemas, json_body
-from sd3_service.api.openai.models import EditForm, GenerationBody, ImagesResponse, ModelList, OpenAIErrorResponse
-from sd3_service.api.openai.surface import EDITS, GENERATIONS, IDEMPOTENCY_KEY, MODELS
+from sd3_service.api.openai.models import (EditForm, GenerationBody, ImagesResponse, ModelCard, ModelList,
+                                           OpenAIErrorResponse, VariationForm)
+from sd3_service.api.openai.surface import EDITS, GENERATIONS, IDEMPOTENCY_KEY, MODELS, VARIATIONS
 
 _KEY = {"name": IDEMPOTENCY_KEY, "in": "header", "required": False,
         "description": "the request id (`[A-Za-z0-9_-]{1,64}`): the same key answers the first answer without "
@@ -41,20 +42,21 @@ def _errors() -> dict[str, Any]:
     }
 
 
-def _edit_form(schemas: Schemas, links: bool) -> dict[str, Any]:
-    reference = schemas.ref(EditForm, "validation")
-    form = schemas.components[EditForm.__name__]
+def _form(model, schemas: Schemas, links: bool) -> dict[str, Any]:
+    reference = schemas.ref(model, "validation")
+    form = schemas.components[model.__name__]
     for field in form["properties"].values():
         field.pop("nullable", None)  # a form field is sent, or not: it has no null
     if not links:
         form["properties"]["response_format"]["enum"] = ["b64_json"]
-    form["properties"] = {
-        "image": {"type": "string", "format": "binary", "description": "the image to edit: a PNG, JPEG or WebP "
-                                                                        "file, 256 to 1536 pixels a side"},
-        "mask": {"type": "string", "format": "binary", "description": "a PNG of the image's size whose fully "
-                                                                       "transparent pixels mark the area to edit; "
-                                                                       "without it the whole image is repainted"},
-        **form["properties"]}
+    files = {"image": {"type": "string", "format": "binary", "description": "the image: a PNG, JPEG or WebP file, "
+                                                                            "256 to 1536 pixels a side"}}
+    if model is EditForm:
+        files["mask"] = {"type": "string", "format": "binary", "description": "a PNG of the image's size whose fully "
+                                                                             "transparent pixels mark the area to "
+                                                                             "edit; without it the whole image is "
+                                                                             "repainted"}
+    form["properties"] = {**files, **form["properties"]}
     form["required"] = ["image", *form.get("required", [])]
     return reference
 
@@ -84,13 +86,30 @@ def openai_paths(schemas: Schemas, links: bool) -> dict[str, Any]:
             "operationId": "openai_images_edits", "tags": ["OpenAI Images API"],
             "summary": "Repaint an image, only where a mask is transparent if one is sent (OpenAI's `images.edit`)",
             "parameters": [_KEY],
-            "requestBody": {"required": True, "content": {"multipart/form-data": {"schema": _edit_form(schemas, links)}}},
+            "requestBody": {"required": True, "content": {"multipart/form-data": {"schema": _form(EditForm, schemas,
+                                                                                                  links)}}},
+            "responses": {"200": answer, **_errors()},
+        }},
+        VARIATIONS: {"post": {
+            "operationId": "openai_images_variations", "tags": ["OpenAI Images API"],
+            "summary": "Variations of an image, with no prompt (OpenAI's `images.create_variation`)",
+            "parameters": [_KEY],
+            "requestBody": {"required": True, "content": {"multipart/form-data": {"schema": _form(VariationForm,
+                                                                                                  schemas, links)}}},
             "responses": {"200": answer, **_errors()},
         }},
         MODELS: {"get": {
             "operationId": "openai_models", "tags": ["OpenAI Images API"],
-            "summary": "The model served (OpenAI's `models.list`)",
-            "responses": {"200": {"description": "one model",
+            "summary": "The names the model is served under (OpenAI's `models.list`)",
+            "responses": {"200": {"description": "`SERVED_MODEL_NAMES`, or the served model's id",
                                   "content": {"application/json": {"schema": schemas.ref(ModelList)}}}},
+        }},
+        MODELS + "/{model}": {"get": {
+            "operationId": "openai_model", "tags": ["OpenAI Images API"],
+            "summary": "One of those names (OpenAI's `models.retrieve`)",
+            "parameters": [{"name": "model", "in": "path", "required": True, "schema": {"type": "string"}}],
+            "responses": {"200": {"description": "the model",
+                                  "content": {"application/json": {"schema": schemas.ref(ModelCard)}}},
+                          "404": _error("`model_not_found`: not a name this deployment serves")},
         }},
     }

@@ -1,4 +1,4 @@
-"""The OpenAI Images API surface: `POST /v1/images/generations`, `POST /v1/images/edits`, `GET /v1/models`.
+"""The OpenAI Images API surface: `POST /v1/images/generations`, `/edits` and `/variations`, `GET /v1/models`.
 
 An adapter over the engine, so that the official `openai` SDK works against the service as it is (with
 `base_url=<endpoint>/v1`, or `<md endpoint>/predict/v1` through OCI Model Deployment's `openai`
@@ -6,7 +6,8 @@ specification). Images are made, named, stored and recorded exactly as `/predict
 `Idempotency-Key` header is the request id: a request not done within `SYNC_WAIT_SECONDS` answers 409
 with `Retry-After` and `x-should-retry: true`, so the SDK's own retries (same key) collect the one answer;
 without a key it says `x-should-retry: false` and names the request id to poll on `/predict`.
-`error_response` is the one place a `ServiceError` becomes OpenAI's error shape.
+`error_response` is the one place a `ServiceError` becomes OpenAI's error shape; any other path or method
+under `/v1` answers it too (404, 405), so the SDK raises its own class with a message naming what is offered.
 """
 
 from __future__ import annotations
@@ -22,8 +23,8 @@ from starlette.datastructures import UploadFile
 from starlette.responses import JSONResponse, Response
 
 from sd3_service.api.guard import GuardedRoute, json_object, problems_of, validated, validated_body
-from sd3_service.api.openai.models import (SERVED_MODEL, WIRE_NAMES, EditForm, GenerationBody, ImageData, ImageOptions,
-                                           ImagesResponse, ModelCard, ModelList, now, to_image_request)
+from sd3_service.api.openai.models import (WIRE_NAMES, EditForm, GenerationBody, ImageData, ImageOptions,
+                                           ImagesResponse, ModelCard, ModelList, VariationForm, now, to_image_request)
 from sd3_service.engine import Engine
 from sd3_service.errors import Problem, ServiceError, caller_error, invalid_field, invalid_input
 from sd3_service.metrics import METRICS
@@ -31,7 +32,9 @@ from sd3_service.spec import REQUEST_ID, Finished, Pending
 
 log = logging.getLogger("sd3")
 
-GENERATIONS, EDITS, MODELS = "/v1/images/generations", "/v1/images/edits", "/v1/models"
+GENERATIONS, EDITS, VARIATIONS = "/v1/images/generations", "/v1/images/edits", "/v1/images/variations"
+MODELS = "/v1/models"
+OFFERED = {GENERATIONS: "POST", EDITS: "POST", VARIATIONS: "POST", MODELS: "GET", MODELS + "/{model}": "GET"}
 IDEMPOTENCY_KEY = "Idempotency-Key"
 STARTED = now()  # `created` of the one model listed
 
@@ -73,14 +76,32 @@ def guarded_routes() -> dict[str, GuardedRoute]:
     """How the guard reads this surface's bodies: JSON for generations; the edits' form is read by its route."""
     return {GENERATIONS: GuardedRoute(error_response, lambda body, headers: validated(GenerationBody,
                                                                                        json_object(body))),
-            EDITS: GuardedRoute(error_response)}
+            EDITS: GuardedRoute(error_response), VARIATIONS: GuardedRoute(error_response)}
+
+
+def model_names(request: Request) -> tuple[str, ...]:
+    """The names this surface answers to: `SERVED_MODEL_NAMES`, else the served model's id (none while loading)."""
+    engine: Engine = request.app.state.engine
+    served = engine.model_id()
+    return getattr(request.app.state, "model_names", ()) or ((served,) if served else ())
+
+
+def _card(name: str) -> ModelCard:
+    return ModelCard(id=name, created=STARTED, owned_by="sd3-medium")
 
 
 @router.get(MODELS)
 async def models(request: Request) -> JSONResponse:
-    """The one model served."""
-    card = ModelCard(id=SERVED_MODEL, created=STARTED, owned_by="stabilityai")
-    return JSONResponse(ModelList(data=[card]).model_dump())
+    """The names the model is served under."""
+    return JSONResponse(ModelList(data=[_card(name) for name in model_names(request)]).model_dump())
+
+
+@router.get(MODELS + "/{model:path}")
+async def model(request: Request, model: str) -> JSONResponse:
+    """One of them (OpenAI's `models.retrieve`)."""
+    if model not in model_names(request):
+        return error_response(_no_such_model(model, request))
+    return JSONResponse(_card(model).model_dump())
 
 
 @router.post(GENERATIONS)
@@ -93,10 +114,35 @@ async def generations(request: Request) -> Response:
 async def edits(request: Request) -> Response:
     """Repaint an image: where the mask is fully transparent with a mask (inpainting), else all of it."""
     try:
-        options, image, mask = await _edit_form(request)
+        options, image, mask = await _image_form(request, EditForm)
     except ServiceError as exc:
         return error_response(exc)
     return await _answer(request, options, image, mask)
+
+
+@router.post(VARIATIONS)
+async def variations(request: Request) -> Response:
+    """`n` variations of an image: image to image with no prompt, at `strength`."""
+    try:
+        options, image, _ = await _image_form(request, VariationForm)
+    except ServiceError as exc:
+        return error_response(exc)
+    return await _answer(request, options, image)
+
+
+@router.api_route("/v1/{rest:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"],
+                  include_in_schema=False)
+async def elsewhere(request: Request, rest: str) -> JSONResponse:
+    """Any other path or method under /v1: OpenAI's error shape, naming what this server offers."""
+    path = request.url.path
+    offered = ", ".join(f"{method} {route}" for route, method in OFFERED.items())
+    if path in OFFERED:
+        error = ServiceError(405, "method_not_allowed", f"{path} takes {OFFERED[path]}, not {request.method}; "
+                                                        f"this server offers {offered}")
+    else:
+        error = ServiceError(404, "not_found", f"{request.method} {path} is not offered here; this server offers "
+                                               f"{offered}")
+    return error_response(error)
 
 
 async def _answer(request: Request, options: ImageOptions, image: bytes | None = None,
@@ -105,7 +151,7 @@ async def _answer(request: Request, options: ImageOptions, image: bytes | None =
     request_id = None
     try:
         request_id = _idempotency_key(request)
-        _check_model(options, engine)
+        _check_model(options, request)
         if options.response_format == "url" and not engine.writer.makes_links():
             raise invalid_field("response_format", "'url' needs a deployment that makes links (RETURN_URL=true "
                                                    "with an Object Storage bucket); use b64_json")
@@ -142,10 +188,15 @@ def _idempotency_key(request: Request) -> str | None:
     return key
 
 
-def _check_model(options: ImageOptions, engine: Engine) -> None:
-    if options.model not in (None, SERVED_MODEL, engine.model_name()):
-        raise ServiceError(404, "model_not_found", f"The model `{options.model}` does not exist; this deployment "
-                                                   f"serves `{SERVED_MODEL}` (GET /v1/models)", field="model")
+def _check_model(options: ImageOptions, request: Request) -> None:
+    if options.model is not None and options.model not in model_names(request):
+        raise _no_such_model(options.model, request)
+
+
+def _no_such_model(name: str, request: Request) -> ServiceError:
+    served = ", ".join(f"`{name}`" for name in model_names(request)) or "none while the model loads"
+    return ServiceError(404, "model_not_found", f"The model `{name}` does not exist; this deployment serves {served} "
+                                                "(GET /v1/models)", field="model")
 
 
 def _in_progress(pending: Pending, keyed: bool) -> ServiceError:
@@ -182,8 +233,8 @@ def _by_position(parts: dict[str, list]) -> list[dict]:
 LORA_FORM_PART = re.compile(r"^loras\[(\d{0,2})\]\[(\w+)\]$")
 
 
-async def _edit_form(request: Request) -> tuple[EditForm, bytes, bytes | None]:
-    """The edit's form: its one image, its mask (if any), and its fields as `EditForm`."""
+async def _image_form(request: Request, model: type[ImageOptions]) -> tuple[ImageOptions, bytes, bytes | None]:
+    """An edit's or variation's form: its one image, its mask (if any; edits only), and its fields as `model`."""
     try:
         form = await request.form()
     except Exception as exc:  # noqa: BLE001 - Starlette's parser raises several kinds for a bad body
@@ -195,8 +246,10 @@ async def _edit_form(request: Request) -> tuple[EditForm, bytes, bytes | None]:
     # one that has it: the i-th value of each part belongs to the i-th adapter.
     unnumbered: dict[str, list] = {}
     for name, value in form.multi_items():
-        if name in ("image", "image[]", "mask"):
+        if name in ("image", "image[]") or (name == "mask" and model is EditForm):
             continue
+        if name == "markup" and model is EditForm:
+            raise invalid_field(name, "markup images are not taken here: draw the area to change as a `mask`")
         if isinstance(value, UploadFile):
             raise invalid_field(name, "must be a form field, not a file")
         if part := LORA_FORM_PART.match(name):
@@ -218,14 +271,14 @@ async def _edit_form(request: Request) -> tuple[EditForm, bytes, bytes | None]:
         problems.append(Problem("image", f"image: {len(images)} images were sent; this model edits one image"))
     elif not isinstance(images[0], UploadFile):
         problems.append(Problem("image", "image: must be a file (a PNG, JPEG or WebP)"))
-    mask = form.get("mask")
+    mask = form.get("mask") if model is EditForm else None
     if mask is not None and not isinstance(mask, UploadFile):
         problems.append(Problem("mask", "mask: must be a file (a PNG whose transparent pixels mark where to edit)"))
     try:
-        options = EditForm.model_validate(fields)
+        options = model.model_validate(fields)
     except ValidationError as exc:
         problems += problems_of(exc)
         options = None
     if problems:
-        raise invalid_input(problems, allowed=["image", "mask", *EditForm.model_fields])
+        raise invalid_input(problems, allowed=["image", *(["mask"] if model is EditForm else []), *model.model_fields])
     return options, await images[0].read(), None if mask is None else await mask.read()
