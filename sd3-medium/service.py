@@ -100,7 +100,7 @@ def serve(service_class: type, name: str) -> bentoml.Service:
         native.DESCRIPTION))
     service.add_asgi_middleware(RequestGuard, routes={**native.guarded_routes(PREDICT_ROUTE),
                                                       **openai.guarded_routes()},
-                                max_body_bytes=SETTINGS.max_body_bytes)
+                                max_body_bytes=SETTINGS.max_body_bytes, unroutable=(openai.unroutable,))
     return service
 
 

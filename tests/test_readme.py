@@ -1,4 +1,4 @@
-"""The README's tables are made from the models, and the commands the docs give work as written."""
+"""The docs' tables are made from the models, and the commands the README and the docs give work as written."""
 
 import os
 import re
@@ -6,14 +6,15 @@ import subprocess
 import sys
 from pathlib import Path
 
-import readme_tables
+import doc_tables
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
-def test_readme_tables_match_the_contract_and_settings():
-    text = README.read_text()
-    assert readme_tables.render(text) == text, "run: python tools/readme_tables.py --write"
+def test_the_docs_tables_match_the_models_and_settings():
+    for document, tables in doc_tables.DOCUMENTS.items():
+        text = (README.parent / document).read_text()
+        assert doc_tables.render(text, tables) == text, f"{document}: run python tools/doc_tables.py --write"
 
 
 def test_readme_starts_with_the_serve_and_test_commands_ci_runs():
@@ -23,9 +24,12 @@ def test_readme_starts_with_the_serve_and_test_commands_ci_runs():
     assert "bash dev.sh test" in (README.parent / ".ci" / "run").read_text()
 
 
-def test_every_document_the_readme_links_exists():
+def test_every_document_the_readme_and_the_docs_link_exists():
     for link in re.findall(r"\]\(((?:docs|bench)/[^)#]+)", README.read_text()):
         assert (README.parent / link).is_file(), link
+    for document in (README.parent / "docs").glob("*.md"):
+        for link in re.findall(r"\]\(([\w.-]+\.md)(?:#[\w-]+)?\)", document.read_text()):
+            assert (document.parent / link).is_file(), (document.name, link)
 
 
 def test_the_lifecycle_rule_command_in_the_docs_sends_the_rule_it_describes(tmp_path):

@@ -58,7 +58,7 @@ def test_media_types_and_nullable_fields_are_as_served(server):
         assert set(image) == {"image/png", "image/jpeg", "image/webp"}
     request = document["components"]["schemas"]["PredictRequest"]["properties"]
     assert request["seed"]["nullable"] is True and request["request_id"]["nullable"] is True
-    assert "nullable" not in request["prompt"] and "nullable" not in request["width"]
+    assert "nullable" not in request["prompt"] and request["width"]["nullable"] is True  # null: the default
     assert request["image"]["nullable"] is True and request["mask_image"]["nullable"] is True
     # OpenAPI 3.0's form of `0 < strength <= 1` (JSON Schema's numeric exclusiveMinimum is 3.1 only)
     assert (request["strength"]["minimum"], request["strength"]["exclusiveMinimum"], request["strength"]["maximum"]) \
@@ -66,10 +66,11 @@ def test_media_types_and_nullable_fields_are_as_served(server):
     assert "image" in document["components"]["schemas"]["Img2ImgParameters"]["required"]
 
 
-def test_every_url_the_readme_names_answers(server):
-    readme = (REPO / "README.md").read_text()
-    paths = sorted({path or "/" for path in re.findall(r"(?:127\.0\.0\.1|localhost):3000(/[\w./-]*)?", readme)})
-    assert {"/", "/docs.json", "/predict", "/txt2img", "/img2img", "/health"} <= set(paths), paths
+def test_every_url_the_readme_and_the_docs_name_answers(server):
+    text = "\n".join(path.read_text() for path in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))])
+    paths = sorted({path or "/" for path in re.findall(r"(?:127\.0\.0\.1|localhost):3000(/[\w./-]*)?", text)})
+    assert {"/", "/docs.json", "/predict", "/txt2img", "/img2img", "/health", "/v1"} <= set(paths), paths
+    paths = [path if path != "/v1" else "/v1/models" for path in paths]  # the OpenAI SDK's base_url: its models
     with server.client(follow_redirects=True) as client:
         for path in paths:
             if path in ("/predict", "/txt2img", "/img2img"):  # POST routes: what the README sends them
@@ -93,9 +94,9 @@ def test_schemathesis_finds_no_disagreement_with_the_document(server, tmp_path):
     assert re.search(r"Tested: [1-9]", result.stdout), result.stdout[-3000:]
 
 
-def test_the_readmes_image_to_image_commands_work_as_written(server, tmp_path):
-    readme = (REPO / "README.md").read_text()
-    section = readme[readme.index("### Starting from an image"):]
+def test_the_docs_image_to_image_commands_work_as_written(server, tmp_path):
+    readme = (REPO / "docs" / "api.md").read_text()
+    section = readme[readme.index("## Starting from an image"):]
     script = re.search(r"```bash\n(.*?)```", section, re.S)[1]
     script = script.replace(".venv/bin/python", sys.executable).replace("http://127.0.0.1:3000", server.url)
     result = subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=tmp_path, capture_output=True,
@@ -107,10 +108,10 @@ def test_the_readmes_image_to_image_commands_work_as_written(server, tmp_path):
     assert [path.name for path in tmp_path.iterdir()] == ["outputs"]  # nothing written beside it: a clone stays clean
 
 
-def test_the_readmes_python_client_gets_its_image(server, tmp_path):
+def test_the_docs_python_client_gets_its_image(server, tmp_path):
     from integration.test_service import oci_config
 
-    readme = (REPO / "README.md").read_text()
+    readme = (REPO / "docs" / "api.md").read_text()
     script = re.search(r"From Python.*?```python\n(.*?)```", readme, re.S)[1]
     (tmp_path / ".oci").mkdir()
     oci_config(tmp_path / ".oci")  # ~/.oci/config, as `oci setup config` writes it

@@ -259,9 +259,19 @@ def test_without_a_key_the_sdk_is_told_not_to_retry_and_the_request_id_to_poll(p
     assert answer.status_code == 200 and answer.json()["images"][0]["width"] == 256
 
 
-def test_the_readmes_openai_example_signs_its_calls_and_gets_its_image(server, tmp_path):
+def test_the_readmes_openai_call_gets_its_image(server, tmp_path):
     readme = (REPO / "README.md").read_text()
     script = re.search(r"OpenAI Images API.*?```python\n(.*?)```", readme, re.S)[1]
+    script = script.replace("http://127.0.0.1:3000", server.url)
+    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert Image.open(tmp_path / "outputs" / "lighthouse.png").size == (512, 512)
+
+
+def test_the_docs_openai_example_signs_its_calls_and_gets_its_image(server, tmp_path):
+    readme = (REPO / "docs" / "openai.md").read_text()
+    script = re.search(r"```python\n(.*?)```", readme, re.S)[1]
     credentials = oci_common.api_key(tmp_path / ".oci")  # ~/.oci/config, as `oci setup config` writes it
     with FakeModelDeployment(server.url) as deployment:
         deployment.trust(credentials)

@@ -106,6 +106,8 @@ def test_routes_not_offered_answer_openais_error_shape_naming_what_is_offered(cl
     with pytest.raises(openai.APIStatusError) as status:
         client.post("/images/generations/extra", cast_to=httpx.Response, body={})
     assert status.value.status_code == 404 and status.value.body["code"] == "not_found"
+    line_break = httpx.get(server.url + "/v1/models/a%0Ab")  # no route's pattern matches it
+    assert line_break.status_code == 404 and line_break.json()["error"]["code"] == "not_found", line_break.text
 
 
 def test_served_model_names_are_listed_retrievable_and_answered_to(client):

@@ -129,6 +129,10 @@ def test_the_openai_surface_stores_as_predict_does_and_answers_links(server, fak
                                "model": "tiny", "prompt-sha256": hashlib.sha256(PROMPT.encode()).hexdigest()}
     record = json.loads(fake.object("images", f"sd3/requests/{request_id}.json").data)
     assert record["state"] == "done" and record["answer"]["images"][0]["object_name"] == name
+    # a client that reads `url` without asking for it (LibreChat's DALL-E 3 tool) finds it beside the bytes
+    with openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0) as client:
+        [both] = client.images.generate(prompt=PROMPT, size="256x256", extra_body={"num_inference_steps": 2}).data
+    assert both.b64_json and httpx.get(both.url).content == base64.b64decode(both.b64_json)
 
 
 def test_an_images_metadata_names_its_adapters_by_content(server, fake, adapters):

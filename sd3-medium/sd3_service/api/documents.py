@@ -19,6 +19,7 @@ from pydantic import BaseModel
 from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse
 
 from sd3_service import __version__
+from sd3_service.spec import WireModel
 
 OPENAPI_VERSION = "3.0.2"
 DOCUMENT_ROUTES = ("/docs.json", "/openapi.json")
@@ -51,6 +52,20 @@ def openapi_30(schema: Any) -> Any:
     return schema
 
 
+def _null_is_default(schema: dict) -> dict:
+    """An object schema whose optional properties also take null."""
+    required = set(schema.get("required", ()))
+    for name, field in schema.get("properties", {}).items():
+        if name in required or field.get("nullable"):
+            continue
+        if "$ref" in field:  # a reference cannot carry siblings in 3.0: wrap it
+            schema["properties"][name] = field = {"allOf": [{"$ref": field.pop("$ref")}], **field}
+        field["nullable"] = True
+        if "enum" in field:
+            field["enum"] = [*field["enum"], None]  # 3.0 validators check an enum before `nullable`
+    return schema
+
+
 class Schemas:
     """The document's `components.schemas`, filled by the surfaces as they describe their routes."""
 
@@ -58,11 +73,13 @@ class Schemas:
         self.components: dict[str, Any] = {}
 
     def ref(self, model: type[BaseModel], mode: str = "serialization") -> dict[str, str]:
-        """Add `model` (and the models it uses) to the components; a reference to it."""
+        """Add `model` (and the models it uses) to the components; a reference to it. A request body's optional
+        fields are nullable: null means the default (`WireModel`)."""
         schema = model.model_json_schema(ref_template=REF, mode=mode)
+        request = issubclass(model, WireModel) and mode == "validation"
         for name, nested in schema.pop("$defs", {}).items():
-            self.components[name] = openapi_30(nested)
-        self.components[model.__name__] = openapi_30(schema)
+            self.components[name] = _null_is_default(openapi_30(nested)) if request else openapi_30(nested)
+        self.components[model.__name__] = _null_is_default(openapi_30(schema)) if request else openapi_30(schema)
         return {"$ref": REF.format(model=model.__name__)}
 
     def add(self, name: str, schema: dict) -> dict[str, str]:

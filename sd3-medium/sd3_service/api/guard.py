@@ -83,14 +83,21 @@ class RequestGuard:
     Args:
         routes: path -> how to guard it.
         max_body_bytes: larger bodies get 413 (OCI Model Deployment's own limit is 10 MB).
+        unroutable: answers for requests no route can take (each returns a response, or None to pass it on).
     """
 
-    def __init__(self, app, routes: dict[str, GuardedRoute], max_body_bytes: int):
+    def __init__(self, app, routes: dict[str, GuardedRoute], max_body_bytes: int,
+                 unroutable: tuple[Callable[[dict], Any], ...] = ()):
         self.app = app
         self.routes = routes
         self.max_body_bytes = max_body_bytes
+        self.unroutable = unroutable
 
     async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            for answer in self.unroutable:
+                if (response := answer(scope)) is not None:
+                    return await response(scope, receive, send)
         route = self.routes.get(scope.get("path", "")) if scope["type"] == "http" else None
         if route is None or scope["method"] != "POST":
             return await self.app(scope, receive, send)

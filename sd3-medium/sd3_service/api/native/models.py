@@ -220,8 +220,8 @@ def schema_only(name: str, *models: type[BaseModel], optional: frozenset[str] | 
     fields = {}
     for model in models:
         for field_name, info in model.model_fields.items():
-            annotation, default = _without_checks(info.annotation), info.default
+            annotation, default = _without_checks(info.annotation) | None, info.default  # null: the default
             if optional is None or field_name in optional:
-                annotation, default = annotation | None, None
+                default = None
             fields[field_name] = (annotation, Field(default, description=info.description))
     return create_model(name, __config__=ConfigDict(extra="allow"), __doc__=models[0].__doc__, **fields)

@@ -101,7 +101,7 @@ class PromptedOptions(ImageOptions):
                           "standard and medium 28; high and hd 40; xhigh 45; max 50.")
     background: Literal["auto", "opaque"] | None = Field(
         None, description="`auto` or `opaque`; this model makes no transparent images.")
-    frame_count: int | None = Field(None, ge=1, description="1 (or absent): this model makes still images; more "
+    frame_count: int | None = Field(None, ge=1, json_schema_extra={"maximum": 1}, description="1 (or absent): this model makes still images; more "
                                                             "is refused.")
     safety_identifier: str | None = Field(None, max_length=256, description="Your end user's id, as `user` (and "
                                                                             "in its place when both are sent).")

@@ -134,15 +134,27 @@ async def variations(request: Request) -> Response:
                   include_in_schema=False)
 async def elsewhere(request: Request, rest: str) -> JSONResponse:
     """Any other path or method under /v1: OpenAI's error shape, naming what this server offers."""
-    path = request.url.path
+    return not_offered(request.method, request.url.path)
+
+
+def not_offered(method: str, path: str) -> JSONResponse:
     offered = ", ".join(f"{method} {route}" for route, method in OFFERED.items())
     if path in OFFERED:
-        error = ServiceError(405, "method_not_allowed", f"{path} takes {OFFERED[path]}, not {request.method}; "
-                                                        f"this server offers {offered}")
+        error = ServiceError(405, "method_not_allowed", f"{path} takes {OFFERED[path]}, not {method}; this server "
+                                                        f"offers {offered}")
     else:
-        error = ServiceError(404, "not_found", f"{request.method} {path} is not offered here; this server offers "
+        error = ServiceError(404, "not_found", f"{method} {path!r} is not offered here; this server offers "
                                                f"{offered}")
     return error_response(error)
+
+
+def unroutable(scope: dict) -> JSONResponse | None:
+    """A path under /v1 with a control character, which no route's pattern matches (they stop at a line break):
+    answered here, in OpenAI's shape, instead of the server's plain-text 404."""
+    path = scope.get("path", "")
+    if path.startswith("/v1/") and any(character < " " or character == "\x7f" for character in path):
+        return not_offered(scope["method"], path)
+    return None
 
 
 async def _answer(request: Request, options: ImageOptions, image: bytes | None = None,
@@ -171,9 +183,10 @@ async def _images_response(engine: Engine, finished: Finished, options: ImageOpt
     images = finished.answer.images
     if options.response_format == "url" and all(image.url for image in images):
         data = [ImageData(url=image.url) for image in images]
-    else:  # b64_json; or a link the store could not make (it was down): the image itself, never nothing
-        data = [ImageData.model_construct(b64_json=base64.b64encode(file).decode("ascii"))  # made here: no check
-                for file in await engine.image_bytes(finished)]
+    else:  # b64_json; or a link the store could not make (it was down): the image itself, never nothing. A link
+        # the deployment made rides beside it, for clients that read `url` without asking for it (DALL-E's default)
+        data = [ImageData.model_construct(b64_json=base64.b64encode(file).decode("ascii"), url=image.url)
+                for file, image in zip(await engine.image_bytes(finished), images, strict=True)]
     first = images[0]
     return ImagesResponse(created=now(), data=data, output_format=options.output_format,
                           size=f"{first.width}x{first.height}")

@@ -1,7 +1,7 @@
-"""Print (or write into README.md) the request, response and configuration tables, made from the models.
+"""Write the docs' tables of request fields, answers and settings, made from the service's models.
 
-The tables in the README are generated, never edited by hand: `python tools/readme_tables.py --write`.
-tests/test_readme.py fails when the README and the models disagree.
+The tables in docs/ are generated, never edited by hand: `python tools/doc_tables.py --write` (without
+`--write` it prints what differs). tests/test_readme.py fails when a document and the models disagree.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ sys.path.insert(0, str(REPO / "sd3-medium"))
 from pydantic_core import PydanticUndefined  # noqa: E402
 
 from sd3_service.api.native.models import PredictRequest, PredictResponse  # noqa: E402
+from sd3_service.api.openai.models import EditForm, GenerationBody, VariationForm  # noqa: E402
 from sd3_service.settings import Settings  # noqa: E402
 from sd3_service.spec import StoredImage  # noqa: E402
 
@@ -49,10 +50,11 @@ def _range(schema: dict) -> str:
     return " ".join([kind, *bounds]).strip()
 
 
-def request_table() -> str:
-    schema = PredictRequest.model_json_schema()["properties"]
+def fields_table(model) -> str:
+    schema = model.model_json_schema()["properties"]
     rows = ["| field | type, allowed | default | meaning |", "|---|---|---|---|"]
-    for name, field in PredictRequest.model_fields.items():
+    required_first = sorted(model.model_fields.items(), key=lambda item: not item[1].is_required())
+    for name, field in required_first:
         rows.append(f"| `{name}` | {_range(schema[name])} | {_default(field)} | {field.description} |")
     return "\n".join(rows)
 
@@ -72,29 +74,37 @@ def settings_table() -> str:
     return "\n".join(rows)
 
 
-TABLES = {"request": request_table, "response": response_table, "settings": settings_table}
+DOCUMENTS = {
+    "docs/api.md": {"request": lambda: fields_table(PredictRequest), "response": response_table},
+    "docs/openai.md": {"openai-generations": lambda: fields_table(GenerationBody),
+                       "openai-edits": lambda: fields_table(EditForm),
+                       "openai-variations": lambda: fields_table(VariationForm)},
+    "docs/configuration.md": {"settings": settings_table},
+}
 
 
-def render(readme: str) -> str:
-    """Replace each `<!-- table:NAME -->` … `<!-- /table:NAME -->` block with the generated table."""
-    for name, make in TABLES.items():
+def render(text: str, tables: dict) -> str:
+    """Replace each `<!-- table:NAME -->` … `<!-- /table:NAME -->` block of `text` with the generated table."""
+    for name, make in tables.items():
         pattern = re.compile(rf"(<!-- table:{name} -->\n)(?:.*?\n)?(<!-- /table:{name} -->)", re.S)
-        readme, count = pattern.subn(lambda m, t=make(): m.group(1) + t + "\n" + m.group(2), readme)
+        text, count = pattern.subn(lambda m, t=make(): m.group(1) + t + "\n" + m.group(2), text)
         if count != 1:
-            raise SystemExit(f"README.md needs exactly one <!-- table:{name} --> block")
-    return readme
+            raise SystemExit(f"it needs exactly one <!-- table:{name} --> block")
+    return text
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--write", action="store_true", help="rewrite README.md in place")
+    parser.add_argument("--write", action="store_true", help="rewrite the documents in place")
     args = parser.parse_args()
-    readme_path = REPO / "README.md"
-    rendered = render(readme_path.read_text())
-    if args.write:
-        readme_path.write_text(rendered)
-    else:
-        sys.stdout.write(rendered)
+    for document, tables in DOCUMENTS.items():
+        path = REPO / document
+        text = path.read_text()
+        rendered = render(text, tables)
+        if args.write:
+            path.write_text(rendered)
+        elif rendered != text:
+            print(f"{document}: its tables differ from the models")
 
 
 if __name__ == "__main__":
