@@ -57,6 +57,7 @@ class SD3MediumService:
         self.engine = build_engine(SETTINGS, self.loaders)
         routes.state.engine = self.engine
         routes.state.model_names = SETTINGS.model_names
+        routes.state.keepalive_seconds = SETTINGS.stream_keepalive_seconds
         log.info("Images go to %s; devices %s; predict on %s, health on %s", self.engine.writer.describe(),
                  SETTINGS.sd3_device, PREDICT_ROUTE, HEALTH_ROUTE)
         self.engine.start()
@@ -65,7 +66,7 @@ class SD3MediumService:
     async def predict(self, **fields) -> dict:
         """Generate images (from a prompt, or a starting image), store them, and answer where they are; or,
         with a `request_id` alone, answer an earlier request's images or status."""
-        return await native.predict(self.engine, self._sent())
+        return await native.predict(self.engine, self._sent(), SETTINGS.stream_keepalive_seconds)
 
     @bentoml.api(route="/txt2img", input_spec=native.Txt2ImgInput)
     async def txt2img(self, **fields) -> bytes:

@@ -25,6 +25,7 @@ import logging
 import math
 import time
 import uuid
+from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -37,7 +38,8 @@ from sd3_service.lora_library import LoraLibrary
 from sd3_service.metrics import METRICS
 from sd3_service.pipelines.devices import DevicePool, Ticket
 from sd3_service.pipelines.generation import keep_outside_mask
-from sd3_service.spec import Answer, Finished, ImageRequest, Pending
+from sd3_service.spec import Answer, Finished, ImageRequest, KeepAlive, Pending, Previewed, Queued, Stepped
+from sd3_service.storage.encoding import encode_image
 from sd3_service.storage.store import ObjectRefused, StoreError
 from sd3_service.storage.writer import ImageWriter
 
@@ -150,7 +152,14 @@ class Engine:
     async def run(self, request: ImageRequest, wait_to_end: bool = False) -> Finished | Pending:
         """Answer a request: its images (for a repeated id, the first answer), or `Pending` when it asked not to
         wait or is not done within `SYNC_WAIT_SECONDS` (unless `wait_to_end`). Raises `ServiceError`."""
-        sync_wait = None if wait_to_end else self.sync_wait_seconds
+        started = await self.accept(request)
+        if isinstance(started, Finished):
+            return started
+        return await self._outcome(started, request.wait, None if wait_to_end else self.sync_wait_seconds)
+
+    async def accept(self, request: ImageRequest) -> Finished | Job:
+        """Accept a request: the first answer for an id answered before, else its job (this process's, or a new one,
+        admitted and started). Raises `ServiceError` when it cannot be accepted."""
         request_id = request.request_id or uuid.uuid4().hex
         parameters = recorded_parameters(request, self.keep_text, self._fused())
         if request.request_id is not None:  # a repeat answered before (elsewhere, or before a restart)?
@@ -162,7 +171,7 @@ class Engine:
         job = self.lifecycle.held(request_id, parameters)
         if job is not None:
             request_log(request_id).info("Repeated request_id: answering from this process")
-            return await self._outcome(job, request.wait, sync_wait)
+            return job
         if not self.pool.ready_count():
             raise not_ready(self.pool.error())
         if request.loras:
@@ -173,7 +182,49 @@ class Engine:
         job = Job(request_id=request_id, request=request, parameters=parameters, seed=seed_for(request, request_id),
                   day=dt.datetime.now(dt.timezone.utc).strftime("%Y/%m/%d"))
         self.lifecycle.open(job, self._serve(job, ticket))
-        return await self._outcome(job, request.wait, sync_wait)
+        return job
+
+    async def follow(self, started: Finished | Job, keepalive_seconds: float) -> AsyncIterator[
+            Queued | Stepped | Previewed | KeepAlive | Finished]:
+        """What a streamed request shows as it goes: `Queued` while it waits, each `Stepped` and `Previewed`, a
+        `KeepAlive` after `keepalive_seconds` without news, and last its `Finished` answer (or the `ServiceError`
+        it failed with, raised). A job held by another instance shows no steps, only its answer."""
+        if isinstance(started, Finished):
+            yield started
+            return
+        job, loop, news = started, asyncio.get_running_loop(), asyncio.Queue()
+        listener = lambda event: loop.call_soon_threadsafe(news.put_nowait, event)  # noqa: E731 - any thread
+        job.listeners.append(listener)
+        heard = None
+        try:
+            output_format = job.request.output_format if job.request is not None else "png"
+            quality = job.request.output_quality if job.request is not None else None
+            if job.active and job.state == "queued":
+                yield Queued(job.request_id, self.pool.position(job.request_id))
+            while job.active:
+                heard = asyncio.ensure_future(news.get())
+                await asyncio.wait({heard, job.work}, timeout=keepalive_seconds, return_when=asyncio.FIRST_COMPLETED)
+                if not heard.done():
+                    heard.cancel()
+                    if job.active:  # a new place in the queue, or just word that it is still there
+                        place = self.pool.position(job.request_id) if job.state == "queued" else None
+                        yield Queued(job.request_id, place) if place is not None else KeepAlive()
+                    continue
+                yield await self._news(job.request_id, heard.result(), output_format, quality)
+            while not news.empty():  # what came in just before the end
+                yield await self._news(job.request_id, news.get_nowait(), output_format, quality)
+            yield await self._outcome(job, wait=True, sync_wait=None)
+        finally:  # also when the caller went away: the job goes on
+            job.listeners.remove(listener)
+            if heard is not None:
+                heard.cancel()
+
+    async def _news(self, request_id: str, event: tuple, output_format: str, quality: int | None):
+        if event[0] == "step":
+            return Stepped(request_id, *event[1:])
+        index, step, steps, images = event[1:]
+        files = await self._in_io(lambda: [encode_image(image, output_format, quality) for image in images])
+        return Previewed(request_id, index, step, steps, files)
 
     async def poll(self, request_id: str) -> Finished | Pending:
         """The answer to an earlier request, or where it stands; `ServiceError` when there is none."""

@@ -91,6 +91,8 @@ class Settings(BaseSettings):
                                  "works; a claim not renewed for this long may be taken over by another instance")
     sync_wait_seconds: float = Field(50.0, ge=0, le=300, description="how long a request that waits for its "
                                      "images waits before it answers 202 with its status (Model Deployment cuts at 60 s)")
+    stream_keepalive_seconds: float = Field(15.0, gt=0, le=15, description="the longest a streamed answer stays "
+                                                                            "silent: a `: keep-alive` comment then")
     max_jobs: int = Field(64, ge=1, description="accepted requests (queued or running) a server holds; more get 429")
     log_format: Literal["text", "json"] = Field("text", description="the service's log lines: text, or one JSON "
                                                 "object per line (`json`), with a `request_finished` line per request")

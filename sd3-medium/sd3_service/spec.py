@@ -25,6 +25,7 @@ MAX_PROMPT_CHARS = 2000
 MAX_GUIDANCE = 20.0
 MAX_LORAS = 4  # adapters one request may apply
 MAX_LORA_SCALE = 2.0
+MAX_PREVIEWS = 3  # estimates a streamed request may show while it is drawn
 CONTENT_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 OutputFormat = Literal["png", "jpeg", "webp"]
 Mode = Literal["txt2img", "img2img", "inpaint"]
@@ -100,6 +101,7 @@ class ImageRequest:
     loras: tuple[LoraChoice, ...] = ()
     request_id: str | None = None
     wait: bool = True
+    previews: int = 0  # estimates of the images to show while they are drawn (a stream's); not recorded
     user: str | None = field(default=None, repr=False)  # the caller's end user: kept only as a digest
 
     @property
@@ -205,6 +207,11 @@ class RequestFields(BaseModel):
     request_id: str | None = Field(None, pattern=REQUEST_ID, description="Idempotency key: the same id sent again, "
                                                                          "to any instance, answers the first answer.")
     user: str | None = Field(None, max_length=256, description="Your end user's id; kept only as its sha256.")
+    stream: bool = Field(False, description="True: answer `text/event-stream`, events while the images are drawn, "
+                                            "then the images.")
+    previews: int = Field(0, ge=0, le=MAX_PREVIEWS, description=f"With `stream`: how many estimates of the images "
+                                                                f"to send while they are drawn, 0 to {MAX_PREVIEWS}, "
+                                                                "at evenly spaced steps (fewer with few steps).")
 
 
 def declared(name: str, note: str = "", **changes: Any) -> FieldInfo:
@@ -294,6 +301,39 @@ class Pending:
     position: int | None  # 1 for the next request a device takes; None once running or when not held here
     progress: tuple[int, int] | None  # (step, steps) on the instance running it
     retry_after: int  # seconds
+
+
+@dataclass(frozen=True)
+class Queued:
+    """A streamed request waits for a device: `position` 1 is next (None when another instance holds it)."""
+
+    request_id: str
+    position: int | None
+
+
+@dataclass(frozen=True)
+class Stepped:
+    """A streamed request's denoising step `step` of `steps` is done."""
+
+    request_id: str
+    step: int
+    steps: int
+
+
+@dataclass(frozen=True)
+class Previewed:
+    """The `index`th estimate of a streamed request's images after `step` of `steps`: encoded files, one per image."""
+
+    request_id: str
+    index: int
+    step: int
+    steps: int
+    files: list  # list[EncodedImage]
+
+
+@dataclass(frozen=True)
+class KeepAlive:
+    """Nothing new for a while: a streamed answer says it is still there."""
 
 
 @dataclass(frozen=True)

@@ -48,9 +48,10 @@ def adapters(tmp_path_factory) -> Adapters:
 @pytest.fixture(scope="session")
 def server(tmp_path_factory) -> Server:
     """One tiny-model server shared by the read-mostly integration tests; it holds requests at gates on demand, and
-    its OpenAI surface answers to `dall-e-3` as well as the model's own id (`SERVED_MODEL_NAMES`)."""
-    running = start_server(tmp_path_factory.mktemp("server"), {"SERVED_MODEL_NAMES": "sd3-tiny,dall-e-3"},
-                           gates=True)
+    its OpenAI surface answers to `dall-e-3` as well as the model's own id (`SERVED_MODEL_NAMES`), and a streamed
+    answer says it is alive after a second of silence (`STREAM_KEEPALIVE_SECONDS`)."""
+    running = start_server(tmp_path_factory.mktemp("server"), {"SERVED_MODEL_NAMES": "sd3-tiny,dall-e-3",
+                                                              "STREAM_KEEPALIVE_SECONDS": "1"}, gates=True)
     yield running
     stop_server(running)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from sd3_service.jobs.ledger import Record
@@ -32,6 +33,8 @@ class Job:
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # one ledger write at a time
     progress: tuple[int, int] | None = None  # (step, steps) while running; replaced whole, so read whole
     adapters: list = field(default_factory=list)  # the LoRA adapters it asked for, resolved (ResolvedLora)
+    # Who streams it: each is told every step and preview (from the device's thread: they must be thread-safe).
+    listeners: list[Callable[[tuple], None]] = field(default_factory=list)
 
     # Called from the device's worker thread (`device_pool.Watcher`).
     def started(self) -> None:
@@ -39,6 +42,12 @@ class Job:
 
     def step(self, step: int, steps: int) -> None:
         self.progress = (step, steps)
+        for listener in list(self.listeners):
+            listener(("step", step, steps))
+
+    def preview(self, index: int, step: int, steps: int, images: list) -> None:
+        for listener in list(self.listeners):
+            listener(("preview", index, step, steps, images))
 
     @property
     def active(self) -> bool:

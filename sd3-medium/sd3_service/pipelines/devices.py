@@ -85,6 +85,8 @@ class Watcher(Protocol):
 
     def step(self, step: int, steps: int) -> None: ...
 
+    def preview(self, index: int, step: int, steps: int, images: list) -> None: ...
+
 
 class Ticket:
     """One admitted request's place in the pool: counted in from `admit` until `release` (which `generate` calls
@@ -220,6 +222,8 @@ class DevicePool:
                 device.pipeline.loras.apply(job.adapters, job.request_id)
             images = generate_images(device.pipeline.for_mode(job.request.mode), seed=job.seed,
                                      on_step=watcher.step if watcher is not None else None,
+                                     previews=job.request.previews if watcher is not None else 0,
+                                     on_preview=watcher.preview if watcher is not None else None,
                                      **generation_arguments(job.request, job.inputs))
         except BaseException as exc:  # noqa: BLE001 - the caller gets the error; the worker decides whether to go on
             METRICS.requests_running.dec()

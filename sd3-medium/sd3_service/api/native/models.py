@@ -107,9 +107,20 @@ class PredictRequest(ImageParameters):
     image: ImageInput | None = Field(None, description="Start from this image (image to image): " + IMAGE_FORMS)
     strength: float = declared("strength", " Only with `image`.")
     mask_image: ImageInput | None = Field(None, description=_MASK_NOTE)
+    stream: bool = declared("stream", " Events: `queued` (position), `progress` (step of steps), `preview` (with "
+                                      "`previews`), then `done` (the answer a non-streamed call gets) or `error` "
+                                      "(its error body); a `: keep-alive` comment at least every 15 s.")
+    previews: int = declared("previews")
 
     _mask_needs_image = field_validator("mask_image")(_mask_needs_image)
     _check_strength = field_validator("strength")(_check_strength)
+
+    @field_validator("previews")
+    @classmethod
+    def _previews_are_streamed(cls, previews: int, info: ValidationInfo) -> int:
+        if previews and not info.data.get("stream"):
+            raise ValueError("previews are sent only in a stream: add \"stream\": true")
+        return previews
 
 
 class PredictResponse(Answer):
@@ -196,7 +207,8 @@ def to_image_request(sent: ImageParameters) -> ImageRequest:
         seed=sent.seed, num_images=getattr(sent, "num_images", 1), output_format=sent.output_format,
         image=image, strength=getattr(sent, "strength", None) if image is not None else None,
         mask_image=getattr(sent, "mask_image", None), request_id=getattr(sent, "request_id", None),
-        wait=getattr(sent, "wait", True), loras=tuple(lora.choice() for lora in sent.loras or ()),
+        wait=getattr(sent, "wait", True) or getattr(sent, "stream", False),  # a stream is a caller that waits
+        previews=getattr(sent, "previews", 0), loras=tuple(lora.choice() for lora in sent.loras or ()),
     )
 
 

@@ -9,17 +9,20 @@ call them); the health route is plain.
 
 from __future__ import annotations
 
+import base64
+import json
 import logging
 
 from starlette.responses import JSONResponse, Response
 
 from sd3_service.api.guard import GuardedRoute, json_object, validated
+from sd3_service.api.streaming import KEEP_ALIVE, event, event_stream
 from sd3_service.api.native.models import (ImageParameters, Img2ImgParameters, PendingResponse, PollRequest,
                                            PredictRequest, PredictResponse, schema_only, to_image_request)
 from sd3_service.engine import Engine
 from sd3_service.errors import ServiceError, caller_error
 from sd3_service.metrics import METRICS
-from sd3_service.spec import Finished, Pending
+from sd3_service.spec import Finished, KeepAlive, Pending, Previewed, Queued, Stepped
 
 # What BentoML declares for each route: the fields, none of the checks (the guard's models do those, once).
 log = logging.getLogger("sd3")
@@ -33,11 +36,15 @@ PredictOutput = schema_only("PredictOutput", PredictResponse, PendingResponse)  
 def error_response(error: ServiceError) -> JSONResponse:
     """`{"error": {"code", "message", "field", "problems"}}` with the status, and `Retry-After` when it applies."""
     METRICS.error(error.code)
+    headers = {"Retry-After": str(error.retry_after)} if error.retry_after else None
+    return JSONResponse(error_body(error), status_code=error.status, headers=headers)
+
+
+def error_body(error: ServiceError) -> dict:
     body: dict = {"code": error.code, "message": error.message, "field": error.field}
     if error.problems is not None:
         body["problems"] = [{"field": problem.field, "message": problem.message} for problem in error.problems]
-    headers = {"Retry-After": str(error.retry_after)} if error.retry_after else None
-    return JSONResponse({"error": body}, status_code=error.status, headers=headers)
+    return {"error": body}
 
 
 def predict_body(body: bytes, headers: dict[str, str]) -> PredictRequest | PollRequest:
@@ -56,8 +63,11 @@ def guarded_routes(predict_route: str) -> dict[str, GuardedRoute]:
             "/img2img": GuardedRoute(error_response, body_of(Img2ImgParameters), as_json=True)}
 
 
-async def predict(engine: Engine, sent: PredictRequest | PollRequest) -> Response:
-    """Generate (or answer a repeat, or poll): 200 with the answer, 202 with the status, or the error."""
+async def predict(engine: Engine, sent: PredictRequest | PollRequest, keepalive_seconds: float = 15) -> Response:
+    """Generate (or answer a repeat, or poll): 200 with the answer, 202 with the status, or the error; with
+    `stream`, the events of its making (`stream`)."""
+    if isinstance(sent, PredictRequest) and sent.stream:
+        return await stream(engine, sent, keepalive_seconds)
     try:
         if isinstance(sent, PollRequest):
             outcome = await engine.poll(sent.request_id)
@@ -69,6 +79,40 @@ async def predict(engine: Engine, sent: PredictRequest | PollRequest) -> Respons
         return JSONResponse(PendingResponse.of(outcome).model_dump(mode="json"), status_code=202,
                             headers={"Retry-After": str(outcome.retry_after)})
     return JSONResponse(outcome.answer.model_dump(mode="json"))
+
+
+async def stream(engine: Engine, sent: PredictRequest, keepalive_seconds: float) -> Response:
+    """`text/event-stream`: `queued`, `progress`, `preview`, then `done` with the answer or `error` with the error
+    body. A request refused before it is accepted gets its plain error answer instead (no stream opens)."""
+    try:
+        started = await engine.accept(to_image_request(sent))
+    except Exception as exc:  # noqa: BLE001
+        return error_response(caller_error(exc, log))
+    request_id = started.answer.request_id if isinstance(started, Finished) else started.request_id
+
+    async def events():
+        try:
+            async for news in engine.follow(started, keepalive_seconds):
+                if isinstance(news, KeepAlive):
+                    yield KEEP_ALIVE
+                elif isinstance(news, Queued):
+                    yield event("queued", json.dumps({"request_id": request_id, "position": news.position}))
+                elif isinstance(news, Stepped):
+                    yield event("progress", json.dumps({"request_id": request_id, "step": news.step,
+                                                        "steps": news.steps}))
+                elif isinstance(news, Previewed):
+                    images = [{"content_type": file.content_type, "data": base64.b64encode(file.data).decode()}
+                              for file in news.files]
+                    yield event("preview", json.dumps({"request_id": request_id, "index": news.index,
+                                                       "step": news.step, "steps": news.steps, "images": images}))
+                else:
+                    yield event("done", JSONResponse(news.answer.model_dump(mode="json")).body.decode())
+        except Exception as exc:  # noqa: BLE001 - the stream is open: the error is its last event
+            error = caller_error(exc, log)
+            METRICS.error(error.code)
+            yield event("error", json.dumps(error_body(error)))
+
+    return event_stream(events(), {"X-Request-Id": request_id})
 
 
 async def image(engine: Engine, sent: ImageParameters) -> Response:

@@ -105,8 +105,12 @@ class PromptedOptions(ImageOptions):
                                                             "is refused.")
     safety_identifier: str | None = Field(None, max_length=256, description="Your end user's id, as `user` (and "
                                                                             "in its place when both are sent).")
-    partial_images: int | None = Field(None, ge=0, le=3, description=IGNORED + "previews while a stream is drawn; "
-                                                                               "answers here are not streamed.")
+    stream: bool = declared("stream", " Events as the SDK's `stream=True` reads them: `partial_images` partial "
+                                      "images, then one completed event per image.")
+    partial_images: int | None = declared("previews", default=None,
+                                          description="With `stream`: how many estimates of the image to send while "
+                                                      "it is drawn, 0 to 3, at evenly spaced steps (fewer with few "
+                                                      "steps); with `n` > 1, of the first image.")
     moderation: Literal["low", "auto"] | None = Field(None, description=IGNORED + "this deployment runs no "
                                                                                   "moderation model.")
     complexity: Literal["low", "medium", "high"] | None = Field(None, description=IGNORED + "the steps follow "
@@ -222,6 +226,7 @@ def to_image_request(options: ImageOptions, request_id: str | None, image: bytes
     steps = options.num_inference_steps or QUALITY_STEPS.get(quality or "auto")
     output_format = getattr(options, "output_format", "png")
     compression = getattr(options, "output_compression", None)
+    streamed = getattr(options, "stream", False)
     return ImageRequest(
         prompt=getattr(options, "prompt", ""), negative_prompt=options.negative_prompt, num_inference_steps=steps,
         guidance_scale=options.guidance_scale, width=size[0] if size else None, height=size[1] if size else None,
@@ -229,6 +234,7 @@ def to_image_request(options: ImageOptions, request_id: str | None, image: bytes
         output_quality=compression if output_format != "png" else None,
         image=image, strength=getattr(options, "strength", None), mask_image=mask, mask_alpha=mask is not None,
         request_id=request_id, user=getattr(options, "safety_identifier", None) or options.user,
+        previews=(getattr(options, "partial_images", None) or 0) if streamed else 0,
         loras=tuple(lora.choice() for lora in options.loras or ()))
 
 

@@ -23,12 +23,14 @@ from starlette.datastructures import UploadFile
 from starlette.responses import JSONResponse, Response
 
 from sd3_service.api.guard import GuardedRoute, json_object, problems_of, validated, validated_body
+from sd3_service.api.streaming import KEEP_ALIVE, event, event_stream
 from sd3_service.api.openai.models import (WIRE_NAMES, EditForm, GenerationBody, ImageData, ImageOptions,
                                            ImagesResponse, ModelCard, ModelList, VariationForm, now, to_image_request)
 from sd3_service.engine import Engine
 from sd3_service.errors import Problem, ServiceError, caller_error, invalid_field, invalid_input
 from sd3_service.metrics import METRICS
-from sd3_service.spec import REQUEST_ID, Finished, Pending
+from sd3_service.jobs.book import Job
+from sd3_service.spec import REQUEST_ID, Finished, Pending, Previewed
 
 log = logging.getLogger("sd3")
 
@@ -167,6 +169,10 @@ async def _answer(request: Request, options: ImageOptions, image: bytes | None =
         if options.response_format == "url" and not engine.writer.makes_links():
             raise invalid_field("response_format", "'url' needs a deployment that makes links (RETURN_URL=true "
                                                    "with an Object Storage bucket); use b64_json")
+        if getattr(options, "stream", False):
+            started = await engine.accept(to_image_request(options, request_id, image, mask))
+            return _stream(request, engine, started, options, "image_generation" if mask is None and image is None
+                           else "image_edit")
         outcome = await engine.run(to_image_request(options, request_id, image, mask))
         if isinstance(outcome, Pending):  # with a key, the SDK's own retry collects it; without, it must not retry
             return error_response(_in_progress(outcome, keyed=request_id is not None), outcome.request_id,
@@ -190,6 +196,43 @@ async def _images_response(engine: Engine, finished: Finished, options: ImageOpt
     first = images[0]
     return ImagesResponse(created=now(), data=data, output_format=options.output_format,
                           size=f"{first.width}x{first.height}")
+
+
+QUALITIES = {"standard": "medium", "hd": "high", None: "auto"}  # the quality names a stream's events may carry
+NO_TOKENS = {"input_tokens": 0, "input_tokens_details": {"image_tokens": 0, "text_tokens": 0}, "output_tokens": 0,
+             "total_tokens": 0}  # this model counts no tokens
+
+
+def _stream(request: Request, engine: Engine, started: Finished | Job, options: ImageOptions,
+            kind: str) -> Response:
+    """OpenAI's image stream: `<kind>.partial_image` events (the first image's estimates), then one
+    `<kind>.completed` event per image; an error after it opened is an event with OpenAI's error body."""
+    request_id = started.answer.request_id if isinstance(started, Finished) else started.request_id
+    described = {"background": options.background or "auto", "output_format": options.output_format,
+                 "quality": QUALITIES.get(options.quality, options.quality)}
+
+    async def events():
+        try:
+            async for news in engine.follow(started, request.app.state.keepalive_seconds):
+                if isinstance(news, Previewed):
+                    first = news.files[0]
+                    yield event(None, json.dumps({
+                        "type": f"{kind}.partial_image", "partial_image_index": news.index,
+                        "b64_json": base64.b64encode(first.data).decode(), "created_at": now(),
+                        "size": f"{first.width}x{first.height}", **described}))
+                elif isinstance(news, Finished):
+                    size = f"{news.answer.images[0].width}x{news.answer.images[0].height}"
+                    for file in await engine.image_bytes(news):
+                        yield event(None, json.dumps({
+                            "type": f"{kind}.completed", "b64_json": base64.b64encode(file).decode(),
+                            "created_at": now(), "size": size, "usage": NO_TOKENS, **described}))
+                else:  # queued, steps, silence: OpenAI's stream has no such events; a comment keeps it open
+                    yield KEEP_ALIVE
+        except Exception as exc:  # noqa: BLE001 - the stream is open: the error is its last event
+            failed = error_response(caller_error(exc, log), request_id)
+            yield event("error", failed.body.decode())
+
+    return event_stream(events(), {"x-request-id": request_id})
 
 
 def _idempotency_key(request: Request) -> str | None:
