@@ -189,6 +189,9 @@ def build_parser() -> argparse.ArgumentParser:
     _deployment_ref(p)
     p.add_argument("--no-wait", dest="no_wait", action="store_true",
                    help="print the 202 answer (the request_id and its status) and exit; resume with --request-id")
+    p.add_argument("--stream", action="store_true",
+                   help="send it to the deployment's streaming route (predictWithResponseStream) and draw the "
+                        "progress from its events instead of polling")
     group = p.add_argument_group("request (see the service's POST /predict contract)")
     group.add_argument("--prompt", metavar="TEXT", help="what to draw")
     group.add_argument("--body", metavar="JSON", help="the whole JSON body; the other request flags override its fields")
@@ -258,7 +261,7 @@ def main(argv: list[str] | None = None) -> None:
             body = {"request_id": args.request_id}  # resume polling an earlier request
         else:
             body = build_predict_body(args.prompt, args.body, overrides, images=images)
-        commands.predict(settings, ref, body, args.download, wait=not args.no_wait)
+        commands.predict(settings, ref, body, args.download, wait=not args.no_wait, stream=args.stream)
 
 
 if __name__ == "__main__":

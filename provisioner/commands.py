@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import oci
+import requests
 
 from provisioner import clients, operations
 from provisioner import details as build
@@ -238,14 +239,16 @@ def delete(settings: DeploySettings, ref: str) -> None:
 # --- predict ---------------------------------------------------------------------------------
 
 def predict(settings: DeploySettings, ref: str, body: dict[str, Any], download_dir: Path | None,
-            wait: bool = True) -> None:
+            wait: bool = True, stream: bool = False) -> None:
     """Send one signed predict request (never resent) that does not wait on the server, poll its id until done
-    (unless not `wait`), print the JSON answer, optionally save the images. `body` of a request_id alone polls."""
+    (unless not `wait`), print the JSON answer, optionally save the images. `body` of a request_id alone polls.
+    With `stream`, the request goes to the deployment's streaming route instead, and its events draw the progress."""
     polling = set(body) == {"request_id"}
     if not polling:
         # Our own request id makes a failed call safe to repeat, and lets us poll: the server answers 202 at once
         # and we ask again, well inside Model Deployment's 60 s limit on each call, however long it takes.
-        body = {"wait": False, **body, "request_id": body.get("request_id") or uuid.uuid4().hex}
+        body = {**({"stream": True} if stream else {"wait": False}), **body,
+                "request_id": body.get("request_id") or uuid.uuid4().hex}
     if settings.dry_run:
         _lookup_dry_run("predict", ref, body=body)
         return
@@ -256,19 +259,23 @@ def predict(settings: DeploySettings, ref: str, body: dict[str, Any], download_d
     endpoint = build.predict_service_endpoint(deployment.model_deployment_url, deployment.id,
                                               settings.model_deployment_endpoint)
     predict_client = clients.predict_client(auth, endpoint)
+    resume = f"python model-deployment.py predict {ref} --request-id {body['request_id']}"
     try:
-        status, answer = operations.call_predict(predict_client, deployment.id, body)
-    except (oci.exceptions.ServiceError, oci.exceptions.RequestException) as exc:
+        if stream and not polling:
+            status, answer = 200, operations.follow_stream(
+                operations.stream_predict(predict_client, deployment.id, body), body["request_id"])
+        else:
+            status, answer = operations.call_predict(predict_client, deployment.id, body)
+    except (oci.exceptions.ServiceError, oci.exceptions.RequestException, requests.RequestException) as exc:
         if not polling and (not isinstance(exc, oci.exceptions.ServiceError) or exc.status >= 500):
-            warn(f"the image may have been generated anyway; to get it without generating twice: "
-                 f"python model-deployment.py predict {ref} --request-id {body['request_id']}")
+            warn(f"the image may have been generated anyway; to get it without generating twice: {resume}")
         raise
     if status == 202 and wait:
         answer = operations.poll_until_done(
             lambda: operations.call_predict(predict_client, deployment.id, {"request_id": body["request_id"]}),
             answer)
     elif status == 202:
-        info(f"accepted; poll it with: python model-deployment.py predict {ref} --request-id {body['request_id']}")
+        info(f"accepted; poll it with: {resume}")
     result_json(answer)
     if download_dir is not None and isinstance(answer, dict):
         saved = operations.download_images(lambda: clients.object_storage_client(auth, settings), answer, download_dir)

@@ -6,7 +6,7 @@ import base64
 import hashlib
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -251,6 +251,47 @@ def call_predict(client: oci.model_deployment.ModelDeploymentClient, deployment_
         return response.status, json.loads(response.data)
     except (TypeError, json.JSONDecodeError):
         return response.status, response.data
+
+
+def stream_predict(client: oci.model_deployment.ModelDeploymentClient, deployment_id: str,
+                   body: dict[str, Any]) -> Iterator[tuple[str, Any]]:
+    """One signed POST to the deployment's streaming route (`predictWithResponseStream`; the client has no
+    retries): the server-sent events of the answer as they come, each as (name, JSON data)."""
+    with clients.no_resend_on_header_errors():
+        response = client.predict_with_response_stream(deployment_id, {**body, "stream": True})
+    name, data = "message", []
+    try:
+        for line in response.data.iter_lines(decode_unicode=True):
+            if line.startswith("event:"):
+                name = line[6:].strip()
+            elif line.startswith("data:"):
+                data.append(line[5:].strip())
+            elif not line and data:
+                yield name, json.loads("\n".join(data))
+                name, data = "message", []
+    finally:
+        response.data.close()
+
+
+def follow_stream(events: Iterator[tuple[str, Any]], request_id: str) -> Any:
+    """Show a streamed request's place in line and its steps as they come; its answer (the `done` event), or
+    `OperationFailed` with its error, or when the stream ends without one."""
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=err, transient=False) as progress:
+        task = progress.add_task(f"{request_id}: sent", total=None)
+        for name, data in events:
+            if name == "queued":
+                where = f" (position {data['position']})" if data.get("position") else ""
+                progress.update(task, description=f"{request_id}: queued{where}")
+            elif name == "progress":
+                progress.update(task, description=f"{request_id}: running", total=data["steps"],
+                                completed=data["step"])
+            elif name == "done":
+                return data
+            elif name == "error":
+                error = data.get("error") or {}
+                raise OperationFailed(f"{request_id} failed: {error.get('code')}: {error.get('message')}")
+    raise OperationFailed(f"the stream of {request_id} ended before its answer")
 
 
 POLL_ATTEMPTS = 5  # a poll that fails in transit is sent again (polling generates nothing); this often in a row

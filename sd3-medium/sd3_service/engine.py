@@ -184,6 +184,19 @@ class Engine:
         self.lifecycle.open(job, self._serve(job, ticket))
         return job
 
+    async def prepared(self, started: Finished | Job) -> None:
+        """Wait until a request's inputs and adapters are read and checked, so that a stream opens only for a request
+        that passed them (one refused for them gets a plain error answer). Raises the `ServiceError` it failed with."""
+        if isinstance(started, Finished) or not started.active or started.prepared.is_set():
+            return
+        prepared, work = asyncio.ensure_future(started.prepared.wait()), started.work
+        try:
+            await asyncio.wait({prepared, work}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            prepared.cancel()
+        if work.done() and not work.cancelled() and work.exception() is not None:
+            raise work.exception()
+
     async def follow(self, started: Finished | Job, keepalive_seconds: float) -> AsyncIterator[
             Queued | Stepped | Previewed | KeepAlive | Finished]:
         """What a streamed request shows as it goes: `Queued` while it waits, each `Stepped` and `Previewed`, a
@@ -262,6 +275,7 @@ class Engine:
         try:
             elsewhere = await self.lifecycle.claim(job)
             if elsewhere is not None:  # another process owns the id: follow its record
+                job.prepared.set()
                 ticket.release()
                 followed = await self.lifecycle.follow(job, *elsewhere)
                 if isinstance(followed, Answer):
@@ -290,6 +304,7 @@ class Engine:
         else:
             request, inputs = await self._in_io(self.inputs.prepare, request)
         report.sized(request, inputs=time.perf_counter() - began)
+        job.prepared.set()
         # 3. generate
         generated = await self.pool.generate(ticket, request, job.seed, inputs, watcher=job, adapters=job.adapters)
         report.generated(generated)

@@ -211,7 +211,8 @@ class RequestFields(BaseModel):
                                             "then the images.")
     previews: int = Field(0, ge=0, le=MAX_PREVIEWS, description=f"With `stream`: how many estimates of the images "
                                                                 f"to send while they are drawn, 0 to {MAX_PREVIEWS}, "
-                                                                "at evenly spaced steps (fewer with few steps).")
+                                                                "at evenly spaced steps (fewer with few steps); "
+                                                                "without `stream`, nothing.")
 
 
 def declared(name: str, note: str = "", **changes: Any) -> FieldInfo:

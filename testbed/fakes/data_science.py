@@ -4,8 +4,9 @@ It implements what the provisioner uses, with OCI's paths (`/20190101/...`), JSO
 models (create, get, list, artifact upload and HEAD, export from Object Storage with a work request),
 model deployments (create, get, list, update, delete) that move CREATING → ACTIVE (UPDATING → ACTIVE,
 DELETING → DELETED) over a few polls, or end FAILED with work request errors and logs when told to;
-work requests (get, list, errors, logs); and the predict route of a deployment, `POST /<OCID>/predict`,
-at the deployment's `modelDeploymentUrl`. Every request must be signed (401 otherwise).
+work requests (get, list, errors, logs); and the predict routes of a deployment, `POST /<OCID>/predict`
+and `/<OCID>/predictWithResponseStream`, at the deployment's `modelDeploymentUrl` (both answered by
+`predict_handler`; `model_deployment.forward_to` passes them on to a real server). Every request must be signed (401 otherwise).
 """
 
 from __future__ import annotations
@@ -39,7 +40,8 @@ ROUTES = [
     ("GET", re.compile(API + r"/workRequests/(?P<id>[^/]+)"), "get_work_request"),
     ("GET", re.compile(API + r"/workRequests/(?P<id>[^/]+)/errors"), "list_work_request_errors"),
     ("GET", re.compile(API + r"/workRequests/(?P<id>[^/]+)/logs"), "list_work_request_logs"),
-    ("POST", re.compile(r"/(?P<id>ocid1\.datasciencemodeldeployment\.[^/]+)/predict"), "predict"),
+    ("POST", re.compile(r"/(?P<id>ocid1\.datasciencemodeldeployment\.[^/]+)/predict(?:WithResponseStream)?"),
+     "predict"),
 ]
 
 

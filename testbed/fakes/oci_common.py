@@ -22,6 +22,7 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -263,7 +264,7 @@ class Request:
 @dataclass
 class Reply:
     status: int
-    body: bytes = b""
+    body: bytes | Iterator[bytes] = b""  # an iterator is sent chunk by chunk as it comes (a streamed answer)
     headers: dict[str, str] = field(default_factory=dict)
 
 
@@ -507,11 +508,31 @@ class _Handler(BaseHTTPRequestHandler):
         headers = {"opc-request-id": uuid.uuid4().hex.upper(), **reply.headers}
         for name, value in headers.items():
             self.send_header(name, value)
+        if not isinstance(reply.body, bytes):
+            self._stream(reply.body)
+            return
         if "content-length" not in {name.lower() for name in headers}:
             self.send_header("content-length", str(len(reply.body)))
         self.end_headers()
         if self.command != "HEAD" and reply.body:
             self.wfile.write(reply.body)
+
+    def _stream(self, chunks: Iterator[bytes]) -> None:
+        """Send each chunk as soon as it comes, with chunked transfer encoding."""
+        self.send_header("transfer-encoding", "chunked")
+        self.end_headers()
+        try:
+            for chunk in chunks:
+                if chunk:
+                    self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+                    self.wfile.flush()
+            self.wfile.write(b"0\r\n\r\n")
+        except OSError:  # the client went away
+            self.close_connection = True
+        finally:
+            close = getattr(chunks, "close", None)
+            if close is not None:
+                close()
 
     do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = do_PATCH = _handle
 

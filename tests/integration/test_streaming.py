@@ -106,15 +106,25 @@ def test_a_stream_that_drops_loses_no_work_and_the_same_id_collects_it(server):
     assert server.log().count(f"[{gate}] Generating on") == 1
 
 
-def test_an_error_after_the_stream_opened_is_its_last_event_and_one_before_is_a_plain_answer(server):
+def test_a_request_refused_for_its_inputs_gets_a_plain_answer_before_any_stream_opens(server):
     not_an_image = base64.b64encode(b"these bytes are no image").decode()
-    late = read_sse(server.url + "/predict", {"prompt": "a kite", "image": not_an_image, "stream": True, **SMALL})
-    assert late.status == 200 and late.names()[-1] == "error", late.events
-    assert late.of("error")[0]["error"]["field"] == "image"
-    early = read_sse(server.url + "/predict", {"prompt": "a kite", "stream": True, "num_inference_steps": 0})
-    assert early.status == 400 and early.of("json")[0]["error"]["field"] == "num_inference_steps"
-    unstreamed = read_sse(server.url + "/predict", {"prompt": "a kite", "previews": 2})
-    assert unstreamed.status == 400 and unstreamed.of("json")[0]["error"]["field"] == "previews"
+    inputs = read_sse(server.url + "/predict", {"prompt": "a kite", "image": not_an_image, "stream": True, **SMALL})
+    assert inputs.status == 400 and inputs.of("json")[0]["error"]["field"] == "image"
+    fields = read_sse(server.url + "/predict", {"prompt": "a kite", "stream": True, "num_inference_steps": 0})
+    assert fields.status == 400 and fields.of("json")[0]["error"]["field"] == "num_inference_steps"
+
+
+def test_an_error_on_the_device_after_the_stream_opened_is_its_last_event(pool, adapters, tmp_path):
+    from testbed.loras import with_bad_config
+
+    # Its names and shapes fit, so the stream opens; peft cannot build the config in its header, as the device finds
+    broken = with_bad_config(adapters.catalog / "wave.safetensors", tmp_path / "broken.safetensors")
+    adapters.bucket.add_object("adapters", "styles/broken-streamed.safetensors", broken.read_bytes())
+    body = {"prompt": "a kite", "stream": True, **SMALL,
+            "loras": [{"name": "oci://adapters@tenancyns/styles/broken-streamed.safetensors"}]}
+    sse = read_sse(pool.url + "/predict", body)
+    assert sse.status == 200 and sse.names()[-1] == "error", sse.events
+    assert sse.of("error")[0]["error"]["field"] == "loras.0"
 
 
 @pytest.fixture(scope="module")
@@ -163,8 +173,82 @@ def test_a_dropped_sdk_stream_is_collected_by_its_idempotency_key(client, server
     assert server.log().count(f"[{key}] Generating on") == 1
 
 
-def test_an_error_in_an_sdk_stream_raises_the_sdks_error(client):
-    with pytest.raises(openai.APIError) as failed:
+def test_an_sdk_stream_refused_for_its_image_raises_the_sdks_error(client):
+    with pytest.raises(openai.BadRequestError) as failed:
         list(client.images.edit(image=("a.png", b"not an image at all", "image/png"), prompt="a kite",
                                 stream=True, extra_body={"num_inference_steps": 2}))
-    assert "image" in str(failed.value)
+    assert failed.value.param == "image"
+
+
+def test_an_error_in_an_open_sdk_stream_raises_the_sdks_error(pool, adapters, tmp_path):
+    from testbed.loras import with_bad_config
+
+    broken = with_bad_config(adapters.catalog / "wave.safetensors", tmp_path / "broken.safetensors")
+    adapters.bucket.add_object("adapters", "styles/broken-sdk.safetensors", broken.read_bytes())
+    with openai.OpenAI(base_url=pool.url + "/v1", api_key="unused", max_retries=0) as client:
+        with pytest.raises(openai.APIError) as failed:
+            list(client.images.generate(prompt="a kite", size="256x256", stream=True, extra_body={
+                "num_inference_steps": 2, "loras": [{"name": "oci://adapters@tenancyns/styles/broken-sdk.safetensors"}]}))
+    assert "diffusers could not load this adapter" in str(failed.value)
+
+
+def test_model_deployments_streaming_route_passes_the_events_on_as_they_come(server, tmp_path):
+    import oci
+
+    from testbed.fakes import oci_common
+    from testbed.fakes.model_deployment import FakeModelDeployment
+
+    credentials = oci_common.api_key(tmp_path / ".oci")
+    with FakeModelDeployment(server.url) as deployment:
+        deployment.trust(credentials)
+        config = oci.config.from_file(str(credentials.config_file))
+        client = oci.model_deployment.ModelDeploymentClient(config, service_endpoint=deployment.endpoint,
+                                                            retry_strategy=oci.retry.NoneRetryStrategy())
+        body = {"prompt": "a kite", "stream": True, "previews": 1, **SMALL}
+        response = client.predict_with_response_stream(deployment.deployment_id, body)
+        lines = list(response.data.iter_lines(decode_unicode=True))
+        names = [line.removeprefix("event: ") for line in lines if line.startswith("event:")]
+        assert names[-1] == "done" and "preview" in names and "progress" in names, names
+        with pytest.raises(oci.exceptions.ServiceError) as unstreamed:  # the container answered plain JSON
+            client.predict_with_response_stream(deployment.deployment_id, {**body, "stream": False, "previews": 0})
+        assert unstreamed.value.status == 409
+        calls = deployment.seen("POST", f"/{deployment.deployment_id}/predictWithResponseStream")
+    assert [call.key_id == credentials.key_id for call in calls] == [True, True]
+
+
+@pytest.fixture
+def deployed(server, tmp_path):
+    """The operator's tool, with a deployment whose routes reach the real `server` (fakes of OCI around it)."""
+    from test_provisioner_cli import Cloud
+    from testbed.fakes.data_science import FakeDataScience
+    from testbed.fakes.model_deployment import forward_to
+    from testbed.fakes.object_storage import FakeObjectStorage
+    from testbed.fakes.oci_common import COMPARTMENT_ID, api_key
+
+    credentials = api_key(tmp_path / "oci")
+    storage = FakeObjectStorage(namespace="testnamespace", buckets=("images",))
+    data_science = FakeDataScience(polls=1, object_storage=storage)
+    for fake in (storage, data_science):
+        fake.trust(credentials)
+    data_science.predict_handler = lambda request, deployment: forward_to(
+        server.url, request, request.path.removeprefix("/" + deployment["id"]))
+    (tmp_path / "work").mkdir()
+    with storage, data_science:
+        model = data_science.add_model(COMPARTMENT_ID, "sd3-medium")
+        deployment = data_science.add_deployment(COMPARTMENT_ID, "sd3-medium", model["id"])
+        yield Cloud(data_science, storage, credentials, tmp_path / "work"), deployment["id"]
+
+
+def test_the_provisioners_predict_stream_draws_its_progress_from_the_events(deployed):
+    from test_provisioner_cli import ok
+
+    cloud, deployment_id = deployed
+    result = ok(cloud.run("predict", deployment_id, "--prompt", "a lighthouse", "--steps", "5", "--width", "256",
+                          "--height", "256", "--request-id", "streamed-1", "--stream", timeout=120))
+    answer = json.loads(result.stdout)
+    assert answer["request_id"] == "streamed-1" and answer["images"][0]["width"] == 256
+    assert "streamed-1: running" in result.stderr and "5/5" in result.stderr, result.stderr
+    [sent] = cloud.data_science.seen("POST", f"/{deployment_id}/predictWithResponseStream")
+    assert sent.json() == {"prompt": "a lighthouse", "num_inference_steps": 5, "width": 256, "height": 256,
+                           "request_id": "streamed-1", "stream": True}
+    assert [call.path for call in cloud.data_science.seen("POST", f"/{deployment_id}/predict")] == [sent.path]  # no polls

@@ -33,6 +33,7 @@ class Job:
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # one ledger write at a time
     progress: tuple[int, int] | None = None  # (step, steps) while running; replaced whole, so read whole
     adapters: list = field(default_factory=list)  # the LoRA adapters it asked for, resolved (ResolvedLora)
+    prepared: asyncio.Event = field(default_factory=asyncio.Event)  # its inputs read and checked (or followed)
     # Who streams it: each is told every step and preview (from the device's thread: they must be thread-safe).
     listeners: list[Callable[[tuple], None]] = field(default_factory=list)
 

@@ -17,7 +17,7 @@ says whether the model is loaded. Every error is JSON `{"error": {"code", "messa
 request with a `request_id` can be sent again safely, to any instance: the same id answers the first answer
 without generating again. A request not done within the server's wait (or sent with `"wait": false`) is
 answered 202 with its status, and polled with `{"request_id": ...}` alone. The same engine also speaks the
-OpenAI Images API under `/v1` (`POST /v1/images/generations`, `POST /v1/images/edits`, `GET /v1/models`).
+OpenAI Images API under `/v1` (`POST /v1/images/generations`, `/edits`, `/variations`, `GET /v1/models`).
 """
 
 
@@ -62,6 +62,17 @@ def _image_answer() -> dict[str, Any]:
             "content": {media: image_bytes for media in CONTENT_TYPES.values()}}
 
 
+STREAM_EVENTS = ("Server-Sent Events, each `event: <name>` and one line of JSON `data`: `queued` {request_id, "
+                 "position}; `progress` {request_id, step, steps}; `preview` {request_id, index, step, steps, "
+                 "images: [{content_type, data (base64)}]} when `previews` asks; then `done` (the same JSON as a "
+                 "200 answer without `stream`) or `error` (the same JSON as an error answer). A `: keep-alive` "
+                 "comment comes at least every 15 s.")
+
+
+SSE_EVENT = {"type": "object", "description": STREAM_EVENTS,
+             "properties": {"event": {"type": "string"}, "data": {"type": "string"}}}
+
+
 def native_paths(schemas: Schemas, predict_route: str, health_route: str) -> dict[str, Any]:
     """The native routes' entries of the document."""
     schemas.ref(ErrorResponse)
@@ -75,8 +86,10 @@ def native_paths(schemas: Schemas, predict_route: str, health_route: str) -> dic
                            "(with other parameters: 409). `{\"request_id\": ...}` alone polls: 200 with the answer "
                            "once done, 202 with the status before.",
             "requestBody": json_body(request_or_poll),
-            "responses": {"200": {"description": "the generated images and where they are stored",
-                                  "content": {"application/json": {"schema": schemas.ref(PredictResponse)}}},
+            "responses": {"200": {"description": "the generated images and where they are stored; with `stream`, "
+                                                 "the events of their making",
+                                  "content": {"application/json": {"schema": schemas.ref(PredictResponse)},
+                                              "text/event-stream": {"schema": SSE_EVENT}}},
                           "202": {"description": "accepted, not done yet (`wait: false`, or not done within the "
                                                  "server's wait): poll with the request_id after `Retry-After`",
                                   "headers": RETRY_AFTER,

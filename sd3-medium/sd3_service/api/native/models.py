@@ -115,13 +115,6 @@ class PredictRequest(ImageParameters):
     _mask_needs_image = field_validator("mask_image")(_mask_needs_image)
     _check_strength = field_validator("strength")(_check_strength)
 
-    @field_validator("previews")
-    @classmethod
-    def _previews_are_streamed(cls, previews: int, info: ValidationInfo) -> int:
-        if previews and not info.data.get("stream"):
-            raise ValueError("previews are sent only in a stream: add \"stream\": true")
-        return previews
-
 
 class PredictResponse(Answer):
     """The answer to a `POST /predict`."""
@@ -208,7 +201,7 @@ def to_image_request(sent: ImageParameters) -> ImageRequest:
         image=image, strength=getattr(sent, "strength", None) if image is not None else None,
         mask_image=getattr(sent, "mask_image", None), request_id=getattr(sent, "request_id", None),
         wait=getattr(sent, "wait", True) or getattr(sent, "stream", False),  # a stream is a caller that waits
-        previews=getattr(sent, "previews", 0), loras=tuple(lora.choice() for lora in sent.loras or ()),
+        previews=getattr(sent, "previews", 0) if getattr(sent, "stream", False) else 0, loras=tuple(lora.choice() for lora in sent.loras or ()),
     )
 
 

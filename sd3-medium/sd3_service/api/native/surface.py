@@ -83,9 +83,11 @@ async def predict(engine: Engine, sent: PredictRequest | PollRequest, keepalive_
 
 async def stream(engine: Engine, sent: PredictRequest, keepalive_seconds: float) -> Response:
     """`text/event-stream`: `queued`, `progress`, `preview`, then `done` with the answer or `error` with the error
-    body. A request refused before it is accepted gets its plain error answer instead (no stream opens)."""
+    body. A request refused before it is accepted, or for its inputs or adapters, gets its plain error answer instead
+    (no stream opens); what fails later (on the device) is the stream's `error` event."""
     try:
         started = await engine.accept(to_image_request(sent))
+        await engine.prepared(started)
     except Exception as exc:  # noqa: BLE001
         return error_response(caller_error(exc, log))
     request_id = started.answer.request_id if isinstance(started, Finished) else started.request_id

@@ -19,6 +19,17 @@ _SHOULD_RETRY = {"x-should-retry": {"description": "`false` when sending the sam
                                     "schema": {"type": "string", "enum": ["true", "false"]}}}
 
 
+STREAM_EVENTS = ("Server-Sent Events as the openai SDK's `stream=True` reads them: `partial_images` events of type "
+                 "`image_generation.partial_image` (`image_edit.partial_image`) with `partial_image_index` and "
+                 "`b64_json`, then one `image_generation.completed` (`image_edit.completed`) per image with "
+                 "`b64_json`, `size`, `output_format`, `quality`, `background` and `usage` (zero: no tokens are "
+                 "counted); an error after the stream opened is an `error` event with OpenAI's error body.")
+
+
+SSE_EVENT = {"type": "object", "description": STREAM_EVENTS,
+             "properties": {"event": {"type": "string"}, "data": {"type": "string"}}}
+
+
 def _error(description: str, headers: dict | None = None) -> dict[str, Any]:
     return {"description": description, "headers": {**_SHOULD_RETRY, **(headers or {})},
             "content": {"application/json": {"schema": {"$ref": REF.format(model=OpenAIErrorResponse.__name__)}}}}
@@ -72,8 +83,10 @@ def _links_only_if(links: bool, schemas: Schemas, reference: dict) -> dict:
 def openai_paths(schemas: Schemas, links: bool) -> dict[str, Any]:
     """The OpenAI routes' entries of the document; `links`: whether this deployment answers `url`s."""
     schemas.ref(OpenAIErrorResponse)
-    answer = {"description": "the images: `b64_json` or `url` each", "headers": _REQUEST_ID,
-              "content": {"application/json": {"schema": schemas.ref(ImagesResponse)}}}
+    answer = {"description": "the images: `b64_json` or `url` each; with `stream`, OpenAI's image stream",
+              "headers": _REQUEST_ID,
+              "content": {"application/json": {"schema": schemas.ref(ImagesResponse)},
+                          "text/event-stream": {"schema": SSE_EVENT}}}
     return {
         GENERATIONS: {"post": {
             "operationId": "openai_images_generations", "tags": ["OpenAI Images API"],

@@ -171,6 +171,7 @@ async def _answer(request: Request, options: ImageOptions, image: bytes | None =
                                                    "with an Object Storage bucket); use b64_json")
         if getattr(options, "stream", False):
             started = await engine.accept(to_image_request(options, request_id, image, mask))
+            await engine.prepared(started)
             return _stream(request, engine, started, options, "image_generation" if mask is None and image is None
                            else "image_edit")
         outcome = await engine.run(to_image_request(options, request_id, image, mask))
