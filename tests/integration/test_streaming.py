@@ -252,3 +252,21 @@ def test_the_provisioners_predict_stream_draws_its_progress_from_the_events(depl
     assert sent.json() == {"prompt": "a lighthouse", "num_inference_steps": 5, "width": 256, "height": 256,
                            "request_id": "streamed-1", "stream": True}
     assert [call.path for call in cloud.data_science.seen("POST", f"/{deployment_id}/predict")] == [sent.path]  # no polls
+
+
+def test_the_docs_stream_commands_work_as_written(server, tmp_path):
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[2] / "docs" / "streaming.md").read_text()
+    curl = re.search(r"```bash\n(curl -sN .*?)```", text, re.S)[1].replace("http://127.0.0.1:3000", server.url)
+    streamed = subprocess.run(["bash", "-c", curl], capture_output=True, text=True, timeout=300)
+    assert streamed.returncode == 0 and streamed.stdout.count("event: preview") == 2, streamed.stdout[-500:]
+    assert "event: done" in streamed.stdout
+    script = re.search(r"```python\n(.*?)```", text, re.S)[1].replace("http://127.0.0.1:3000", server.url)
+    ran = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert ran.returncode == 0, ran.stderr
+    written = sorted(path.name for path in (tmp_path / "outputs").iterdir())
+    assert written == ["lighthouse.png", "partial-0.png", "partial-1.png"]
