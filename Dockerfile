@@ -73,6 +73,7 @@ RUN pip install --no-cache-dir --index-url "${PYPI_INDEX_URL}" -c /opt/sd3/requi
         pydantic-settings==2.16.3 \
         python-json-logger==4.2.0 \
         sentencepiece==0.2.3 \
+        standardwebhooks==1.3.0 \
         transformers==5.23.0
 
 USER 1000:1000

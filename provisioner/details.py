@@ -127,8 +127,9 @@ def validate_environment(environment: dict[str, str]) -> None:
 
 
 def is_secret_name(name: str) -> bool:
-    """Whether an env var holds a secret (HF_TOKEN and the like) that must never be printed."""
-    return bool(SECRET_NAME_PATTERN.search(name))
+    """Whether an env var holds a secret (HF_TOKEN and the like) that must never be printed; a `*_OCID` names a
+    Vault secret (WEBHOOK_SECRET_OCID) and is no secret itself."""
+    return bool(SECRET_NAME_PATTERN.search(name)) and not name.upper().endswith("_OCID")
 
 
 def mask_secrets(value: Any) -> Any:

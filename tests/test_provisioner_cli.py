@@ -614,6 +614,16 @@ def test_dry_run_prints_the_requests_and_makes_no_request_at_all(cloud, args):
         assert operations == ["create_model", "upload_file (multipart)", "export_model_artifact"]
 
 
+def test_vault_secret_ocids_are_taken_as_env_and_shown_as_the_ocids_they_are(cloud):
+    webhook, token = "ocid1.vaultsecret.oc1.iad.aaaawebhook", "ocid1.vaultsecret.oc1.iad.aaaahftoken"
+    result = ok(cloud.run("up", "--image", IMAGE, "--env", f"WEBHOOK_SECRET_OCID={webhook}", "--env",
+                          f"HF_TOKEN_SECRET_OCID={token}", "--env", "WEBHOOK_SECRET", "--dry-run",
+                          env={"WEBHOOK_SECRET": "whsec_dGhpcyBpcyBzZWNyZXQ="}))
+    env = json.loads(result.stdout)["requests"][2]["body"]["model_deployment_configuration_details"][
+        "environment_configuration_details"]["environment_variables"]
+    assert env == {"WEBHOOK_SECRET_OCID": webhook, "HF_TOKEN_SECRET_OCID": token, "WEBHOOK_SECRET": "****"}
+
+
 def test_a_request_signed_with_an_unknown_key_shows_one_clear_error(cloud, tmp_path):
     stranger = api_key(tmp_path / "stranger")  # a valid key the fake was never told about
 

@@ -25,6 +25,8 @@ from sd3_service.pipelines.loading import LoadedPipeline, LoadedWeights, load_we
 from sd3_service.settings import Settings
 from sd3_service.storage.records import LocalRecords
 from sd3_service.storage.writer import ImageWriter
+from sd3_service.vault import read_vault_secret
+from sd3_service.webhooks import WebhookPolicy, Webhooks
 
 IO_THREADS = 4  # read inputs, encode and store images
 LEDGER_THREADS = 2  # the ledger's record calls (claims, renewals, answers), apart from the I/O threads
@@ -60,19 +62,33 @@ def build_engine(settings: Settings, loaders: ModelLoaders = ModelLoaders()) -> 
     return assemble(pool, writer, build_ledger(settings, writer), inputs, loras,
                     sync_wait_seconds=settings.sync_wait_seconds, max_jobs=settings.max_jobs,
                     keep_text=settings.store_params, cache_size=settings.idempotency_cache_size,
-                    ledger_pause_seconds=settings.ledger_pause_seconds)
+                    ledger_pause_seconds=settings.ledger_pause_seconds, webhooks=build_webhooks(settings))
+
+
+def build_webhooks(settings: Settings) -> Webhooks | None:
+    """The webhook sender, when a secret signs them (`WEBHOOK_SECRET`, or the Vault secret WEBHOOK_SECRET_OCID names,
+    read now with the service's own credentials); None sends none (a request with `webhook` is then refused)."""
+    secret = settings.webhook_secret.get_secret_value() if settings.webhook_secret else None
+    if settings.webhook_secret_ocid:
+        secret = read_vault_secret(settings, settings.webhook_secret_ocid)
+    if not secret:
+        return None
+    policy = WebhookPolicy(hosts=settings.allowed_webhook_hosts, allow_http=settings.webhook_allow_http,
+                           allow_private=settings.webhook_allow_private, signing=True)
+    return Webhooks(policy, secret, settings.spool_dir / "webhooks", settings.webhook_retry_seconds)
 
 
 def assemble(pool: DevicePool, writer: ImageWriter, ledger: Ledger | None = None, inputs: InputReader | None = None,
              loras: LoraLibrary | None = None, sync_wait_seconds: float = 50.0, max_jobs: int = 64,
-             keep_text: bool = False, cache_size: int = 1024, ledger_pause_seconds: float = 10.0) -> Engine:
+             keep_text: bool = False, cache_size: int = 1024, ledger_pause_seconds: float = 10.0,
+             webhooks: Webhooks | None = None) -> Engine:
     """An engine over a pool and a writer (and a ledger: None serves from this process's memory only)."""
     io = ThreadPoolExecutor(max_workers=IO_THREADS, thread_name_prefix="sd3-io")
     records_io = ThreadPoolExecutor(max_workers=LEDGER_THREADS, thread_name_prefix="sd3-ledger")
     lifecycle = Lifecycle(JobBook(cache_size), ledger, writer.store, records_io, max_jobs=max_jobs,
                           pause_seconds=ledger_pause_seconds)
     return Engine(pool, writer, lifecycle, io, inputs=inputs, loras=loras, sync_wait_seconds=sync_wait_seconds,
-                  keep_text=keep_text)
+                  keep_text=keep_text, webhooks=webhooks)
 
 
 def build_ledger(settings: Settings, writer: ImageWriter) -> Ledger:

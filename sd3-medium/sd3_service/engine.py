@@ -42,6 +42,7 @@ from sd3_service.spec import Answer, Finished, ImageRequest, KeepAlive, Pending,
 from sd3_service.storage.encoding import encode_image
 from sd3_service.storage.store import ObjectRefused, StoreError
 from sd3_service.storage.writer import ImageWriter
+from sd3_service.webhooks import Delivery, Webhooks, poll_answer_of_error
 
 log = logging.getLogger("sd3.requests")
 
@@ -104,7 +105,7 @@ class Engine:
 
     def __init__(self, pool: DevicePool, writer: ImageWriter, lifecycle: Lifecycle, io: ThreadPoolExecutor,
                  inputs: InputReader | None = None, loras: LoraLibrary | None = None, sync_wait_seconds: float = 50.0,
-                 keep_text: bool = False):
+                 keep_text: bool = False, webhooks: Webhooks | None = None):
         self.pool = pool
         self.writer = writer
         self.lifecycle = lifecycle
@@ -113,12 +114,18 @@ class Engine:
         self.loras = loras
         self.sync_wait_seconds = sync_wait_seconds
         self.keep_text = keep_text
+        self.webhooks = webhooks
+        if webhooks is not None:
+            webhooks.settled = lambda delivery, outcome: lifecycle.webhook_settled(delivery.request_id, delivery.id,
+                                                                                   outcome)
 
     def start(self) -> None:
         """Start loading the model and uploading what an earlier run kept."""
         METRICS.start()
         self.writer.start()
         self.pool.start()
+        if self.webhooks is not None:
+            self.webhooks.start()
 
     def health(self) -> Health:
         status = self.pool.status()
@@ -161,6 +168,11 @@ class Engine:
         """Accept a request: the first answer for an id answered before, else its job (this process's, or a new one,
         admitted and started). Raises `ServiceError` when it cannot be accepted."""
         request_id = request.request_id or uuid.uuid4().hex
+        if request.webhook is not None:  # refused before any work
+            if self.webhooks is None:
+                raise invalid_field("webhook", "this deployment sends no webhooks: set WEBHOOK_SECRET (or "
+                                               "WEBHOOK_SECRET_OCID) and WEBHOOK_HOSTS to allow them")
+            await self.webhooks.check(request.webhook)
         parameters = recorded_parameters(request, self.keep_text, self._fused())
         if request.request_id is not None:  # a repeat answered before (elsewhere, or before a restart)?
             recorded = await self.lifecycle.answered_before(request_id, parameters,
@@ -181,8 +193,39 @@ class Engine:
         ticket = self.pool.admit(request_id, None if request.wait else self.lifecycle.max_jobs, request)
         job = Job(request_id=request_id, request=request, parameters=parameters, seed=seed_for(request, request_id),
                   day=dt.datetime.now(dt.timezone.utc).strftime("%Y/%m/%d"))
+        if request.webhook is not None and "start" in request.webhook_events:
+            self._on_start(job, request.webhook)
         self.lifecycle.open(job, self._serve(job, ticket))
         return job
+
+    def _on_start(self, job: Job, url: str) -> None:
+        """Send `image.started` once its generation starts (told from the device's thread)."""
+        loop = asyncio.get_running_loop()
+
+        def started(event: tuple) -> None:
+            if event[0] == "started":
+                job.listeners.remove(started)
+                loop.call_soon_threadsafe(self._send_started, job, url)
+
+        job.listeners.append(started)
+
+    def _send_started(self, job: Job, url: str) -> None:
+        progress = job.progress
+        data = {"request_id": job.request_id, "status": "running", "position": None,
+                "progress": None if progress is None else {"step": progress[0], "steps": progress[1]},
+                "retry_after": self._retry_after(job.request, progress)}
+        delivery = self.webhooks.event(job.request_id, url, "image.started", data)
+        self.webhooks.keep(delivery)
+        self.webhooks.send(delivery)
+
+    def _completion(self, job: Job, kind: str, data: dict):
+        """The completion event of a job with a webhook, kept on disk (sent once its record says how it ended)."""
+        url = job.parameters.get("webhook")
+        if url is None or self.webhooks is None or "completed" not in job.parameters.get("webhook_events_filter", ()):
+            return None
+        delivery = self.webhooks.event(job.request_id, url, kind, data)
+        self.webhooks.keep(delivery)
+        return delivery
 
     async def prepared(self, started: Finished | Job) -> None:
         """Wait until a request's inputs and adapters are read and checked, so that a stream opens only for a request
@@ -223,9 +266,11 @@ class Engine:
                         place = self.pool.position(job.request_id) if job.state == "queued" else None
                         yield Queued(job.request_id, place) if place is not None else KeepAlive()
                     continue
-                yield await self._news(job.request_id, heard.result(), output_format, quality)
+                if heard.result()[0] != "started":
+                    yield await self._news(job.request_id, heard.result(), output_format, quality)
             while not news.empty():  # what came in just before the end
-                yield await self._news(job.request_id, news.get_nowait(), output_format, quality)
+                if (event := news.get_nowait())[0] != "started":
+                    yield await self._news(job.request_id, event, output_format, quality)
             yield await self._outcome(job, wait=True, sync_wait=None)
         finally:  # also when the caller went away: the job goes on
             job.listeners.remove(listener)
@@ -287,7 +332,12 @@ class Engine:
             return await self._generate(job, ticket, report)
         except BaseException as exc:
             report.finished(job.request_id, "failed", exc)
-            await self.lifecycle.failed(job, exc)
+            delivery = None
+            if not isinstance(exc, asyncio.CancelledError):  # stopping: another instance takes it over
+                delivery = self._completion(job, "image.failed", poll_answer_of_error(exc))
+            await self.lifecycle.failed(job, exc, _noted(delivery))
+            if delivery is not None:
+                self.webhooks.send(delivery)
             raise
         finally:
             ticket.release()
@@ -323,7 +373,10 @@ class Engine:
             "encode": round(written.encode_seconds * 1000),
             "store": round(written.store_seconds * 1000),
         })
-        await self.lifecycle.done(job, answer)
+        delivery = self._completion(job, "image.completed", answer.without_data().model_dump(mode="json"))
+        await self.lifecycle.done(job, answer, _noted(delivery))
+        if delivery is not None:
+            self.webhooks.send(delivery)
         report.stages.update(encode=written.encode_seconds, store=written.store_seconds)
         report.finished(job.request_id, "done")
         return Finished(answer, written.files)
@@ -390,3 +443,8 @@ class Engine:
             self.loras.shutdown()
         self.io.shutdown(wait=True)
         self.writer.stop()
+
+
+def _noted(delivery: Delivery | None) -> list | None:
+    """What a request's record keeps of its webhook event."""
+    return None if delivery is None else [{"id": delivery.id, "type": delivery.type, "state": "pending"}]

@@ -22,6 +22,7 @@ DEVICE_STATES = ("loading", "ready", "failed")
 STAGES = ("queue", "inputs", "generate", "encode", "store")
 MODES = ("txt2img", "img2img", "inpaint")
 LEDGER_OPERATIONS = ("create", "read", "replace")
+WEBHOOK_OUTCOMES = ("delivered", "retried", "gave_up", "gone")
 
 
 def _api():
@@ -96,12 +97,21 @@ class ServiceMetrics:
     def takeovers(self):
         return _metric("Counter", "sd3_takeovers", "Requests taken over from an owner that died (or failed)")
 
+    @cached_property
+    def webhook_deliveries(self):
+        return _metric("Counter", "sd3_webhook_deliveries", "Webhook delivery attempts, by outcome (delivered, "
+                                                            "retried, gave_up, gone)", ("outcome",))
+
+    @cached_property
+    def webhook_pending(self):
+        return _metric("Gauge", "sd3_webhook_pending", "Webhook events not delivered yet", multiprocess_mode="livesum")
+
     # -- what the parts report
 
     def start(self) -> None:
         """Make every series exist at zero, each labelled one for its known values, so that `increase()` sees its
         first event (a series born at 1 has no increase); devices are added as they are found (`device`)."""
-        for gauge in (self.requests_waiting, self.requests_running, self.spooled_images):
+        for gauge in (self.requests_waiting, self.requests_running, self.spooled_images, self.webhook_pending):
             gauge.inc(0)
         for counter in (self.store_failures, self.takeovers):
             counter.inc(0)
@@ -114,6 +124,8 @@ class ServiceMetrics:
             self.request_errors.labels(code=code).inc(0)
         for operation in LEDGER_OPERATIONS:
             self.ledger_seconds.labels(operation=operation)
+        for outcome in WEBHOOK_OUTCOMES:
+            self.webhook_deliveries.labels(outcome=outcome).inc(0)
 
     def device(self, device: str, state: str) -> None:
         """`device` is now in `state`."""

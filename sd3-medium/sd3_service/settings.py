@@ -27,6 +27,8 @@ class Settings(BaseSettings):
     sd3_dtype: Literal["auto", "float16", "bfloat16", "float32"] = Field(
         "auto", description="`auto` is float16 with CUDA devices, float32 on cpu")
     hf_token: SecretStr | None = Field(None, description="only to download the gated model from the hub")
+    hf_token_secret_ocid: str | None = Field(None, description="an OCI Vault secret holding HF_TOKEN, read at start "
+                                                               "with the service's own credentials (OCI_AUTH)")
     sd3_tiny_gates: Path | None = Field(None, description="tests only, with the tiny model: a prompt starting "
                                         "`hold:<name>` waits after its first step until `<name>.open` exists here")
     # Speed and memory options (docs/benchmarks.md). Off by default until measured on a GPU.
@@ -93,6 +95,19 @@ class Settings(BaseSettings):
                                      "images waits before it answers 202 with its status (Model Deployment cuts at 60 s)")
     stream_keepalive_seconds: float = Field(15.0, gt=0, le=15, description="the longest a streamed answer stays "
                                                                             "silent: a `: keep-alive` comment then")
+    webhook_secret: SecretStr | None = Field(None, description="`whsec_…`: signs webhooks (Standard Webhooks); "
+                                                               "without it a request with `webhook` is refused")
+    webhook_secret_ocid: str | None = Field(None, description="an OCI Vault secret holding WEBHOOK_SECRET, read at "
+                                                              "start with the service's own credentials (OCI_AUTH)")
+    webhook_hosts: str | None = Field(None, description="comma list of the hosts webhooks may go to (exact, or "
+                                                        "`*.example.com`); any other host is refused")
+    webhook_allow_http: bool = Field(False, description="also send webhooks over plain http (https only otherwise)")
+    webhook_allow_private: bool = Field(False, description="also send webhooks to loopback, private, link-local "
+                                                           "and multicast addresses (refused otherwise)")
+    webhook_retry_seconds: float = Field(3600.0, ge=0, description="how long a webhook that is not accepted is "
+                                                                   "retried, with growing delays")
+    oci_secrets_endpoint: str | None = Field(None, description="OCI Vault secrets endpoint override (private "
+                                                               "endpoints, tests)")
     max_jobs: int = Field(64, ge=1, description="accepted requests (queued or running) a server holds; more get 429")
     log_format: Literal["text", "json"] = Field("text", description="the service's log lines: text, or one JSON "
                                                 "object per line (`json`), with a `request_finished` line per request")
@@ -104,6 +119,10 @@ class Settings(BaseSettings):
         if self.input_buckets is not None:
             return frozenset(self.input_buckets.split(","))
         return frozenset({self.bucket_name} if self.bucket_name else ())
+
+    @property
+    def allowed_webhook_hosts(self) -> tuple[str, ...]:
+        return tuple(host.strip().lower() for host in (self.webhook_hosts or "").split(",") if host.strip())
 
     @property
     def model_names(self) -> tuple[str, ...]:

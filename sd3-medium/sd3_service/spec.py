@@ -102,6 +102,8 @@ class ImageRequest:
     request_id: str | None = None
     wait: bool = True
     previews: int = 0  # estimates of the images to show while they are drawn (a stream's); not recorded
+    webhook: str | None = None  # where to send its events (see webhooks.py)
+    webhook_events: tuple[str, ...] = ("completed",)
     user: str | None = field(default=None, repr=False)  # the caller's end user: kept only as a digest
 
     @property
@@ -130,7 +132,9 @@ class ImageRequest:
                       "output_format": self.output_format, "num_images": self.num_images}
         optional = {"image": self.image, "mask_image": self.mask_image, "strength": self.repaint_strength,
                     "output_quality": self.output_quality, "mask_alpha": self.mask_alpha or None,
-                    "loras": [{"name": lora.name, "scale": lora.scale} for lora in self.loras] or None}
+                    "loras": [{"name": lora.name, "scale": lora.scale} for lora in self.loras] or None,
+                    "webhook": self.webhook,
+                    "webhook_events_filter": sorted(self.webhook_events) if self.webhook else None}
         return parameters | {name: value for name, value in optional.items() if value is not None}
 
 
@@ -207,6 +211,12 @@ class RequestFields(BaseModel):
     request_id: str | None = Field(None, pattern=REQUEST_ID, description="Idempotency key: the same id sent again, "
                                                                          "to any instance, answers the first answer.")
     user: str | None = Field(None, max_length=256, description="Your end user's id; kept only as its sha256.")
+    webhook: str | None = Field(None, max_length=2048, description="An absolute https:// URL to send the request's "
+                                                                   "events to, signed (Standard Webhooks): its host "
+                                                                   "must be one of the deployment's WEBHOOK_HOSTS.")
+    webhook_events_filter: list[Literal["start", "completed"]] | None = Field(
+        None, min_length=1, description="Which events to send: `start` (its generation began) and `completed` (done, "
+                                        "or failed); `[\"completed\"]` when absent.")
     stream: bool = Field(False, description="True: answer `text/event-stream`, events while the images are drawn, "
                                             "then the images.")
     previews: int = Field(0, ge=0, le=MAX_PREVIEWS, description=f"With `stream`: how many estimates of the images "

@@ -48,10 +48,14 @@ def adapters(tmp_path_factory) -> Adapters:
 @pytest.fixture(scope="session")
 def server(tmp_path_factory) -> Server:
     """One tiny-model server shared by the read-mostly integration tests; it holds requests at gates on demand, and
-    its OpenAI surface answers to `dall-e-3` as well as the model's own id (`SERVED_MODEL_NAMES`), and a streamed
-    answer says it is alive after a second of silence (`STREAM_KEEPALIVE_SECONDS`)."""
-    running = start_server(tmp_path_factory.mktemp("server"), {"SERVED_MODEL_NAMES": "sd3-tiny,dall-e-3",
-                                                              "STREAM_KEEPALIVE_SECONDS": "1"}, gates=True)
+    its OpenAI surface answers to `dall-e-3` as well as the model's own id (`SERVED_MODEL_NAMES`), a streamed
+    answer says it is alive after a second of silence (`STREAM_KEEPALIVE_SECONDS`), and webhooks may go to a few
+    hosts, over https only, never to a private address."""
+    running = start_server(tmp_path_factory.mktemp("server"), {
+        "SERVED_MODEL_NAMES": "sd3-tiny,dall-e-3", "STREAM_KEEPALIVE_SECONDS": "1",
+        # webhooks allowed to these hosts, over https only, and to no private address (test_webhooks.py)
+        "WEBHOOK_SECRET": "whsec_" + "c2VydmVyLXNlY3JldC1mb3ItdGVzdHM=",
+        "WEBHOOK_HOSTS": "hooks.example.com,localhost,169.254.169.254,10.0.0.8"}, gates=True)
     yield running
     stop_server(running)
 

@@ -69,7 +69,7 @@ def test_every_series_exists_from_start_up_at_zero(make_server):
     fresh = make_server({"SD3_DEVICE": "cpu,cpu"})
     samples = scrape(fresh)
     for name in ("sd3_store_failures_total", "sd3_takeovers_total", "sd3_requests_waiting", "sd3_requests_running",
-                 "sd3_spooled_images"):
+                 "sd3_spooled_images", "sd3_webhook_pending"):
         assert (name, ()) in samples and samples[(name, ())] == 0, name
     from sd3_service.errors import ERROR_CODES
 
@@ -84,6 +84,8 @@ def test_every_series_exists_from_start_up_at_zero(make_server):
         assert samples[("sd3_ledger_seconds_count", (("operation", operation),))] == 0
     for device in ("cpu:0", "cpu:1"):
         assert samples[("sd3_device_busy_seconds_total", (("device", device),))] == 0
+    for outcome in ("delivered", "retried", "gave_up", "gone"):
+        assert samples[("sd3_webhook_deliveries_total", (("outcome", outcome),))] == 0
 
 
 def test_a_request_still_running_is_no_error_on_either_surface(pool):

@@ -40,6 +40,8 @@ class Job:
     # Called from the device's worker thread (`device_pool.Watcher`).
     def started(self) -> None:
         self.state = "running"
+        for listener in list(self.listeners):
+            listener(("started",))
 
     def step(self, step: int, steps: int) -> None:
         self.progress = (step, steps)

@@ -88,6 +88,7 @@ class Record:
     parameters: dict
     answer: dict | None = None
     error: dict | None = None  # {"status", "code", "message", "field"} of a failed request
+    webhooks: list | None = None  # its completion event for its webhook: {"id", "type", "state"}
     created: str = field(default_factory=lambda: dt.datetime.now(dt.timezone.utc).isoformat())
     updated: str = ""
 

@@ -176,15 +176,16 @@ class Lifecycle:
                 found = claim.record, claim.etag
             record, etag = found
 
-    async def done(self, job: Job, answer: Answer) -> None:
-        """Write the answer into the record (without inline image data), before the caller gets it."""
+    async def done(self, job: Job, answer: Answer, webhooks: list | None = None) -> None:
+        """Write the answer into the record (without inline image data), before the caller gets it; with the
+        `webhooks` events still to send."""
         job.state = "done"
         if self.ledger is None:
             return
         recorded = answer.model_dump(mode="json", exclude={"images": {"__all__": {"data"}}})
         async with job.lock:
             if job.record is not None and job.etag is not None:
-                record = replace(job.record, state="done", answer=recorded, lease_expires=0.0)
+                record = replace(job.record, state="done", answer=recorded, lease_expires=0.0, webhooks=webhooks)
                 try:
                     etag = await self._in_io(self.ledger.write, record, job.etag)
                 except StoreError as exc:
@@ -201,10 +202,10 @@ class Lifecycle:
                     job.record, job.etag = record, etag
             elif job.record is None:  # never claimed: the store was down; the first record written wins
                 record = replace(self.ledger.new_record(job.request_id, job.seed, job.parameters, job.day),
-                                 state="done", answer=recorded, lease_expires=0.0)
+                                 state="done", answer=recorded, lease_expires=0.0, webhooks=webhooks)
                 await self._spool(record, if_absent=True)
 
-    async def failed(self, job: Job, exc: BaseException) -> None:
+    async def failed(self, job: Job, exc: BaseException, webhooks: list | None = None) -> None:
         """Record a failed job's error, so that a poll answers it. The same request sent again meets the same
         error when it was its own (4xx: its input); a failure of the service (5xx) is run again instead."""
         job.state = "failed"
@@ -214,11 +215,25 @@ class Lifecycle:
             try:
                 await self._in_io(self.ledger.write, replace(job.record, state="failed",
                                                              error=ServiceError.of(exc).to_record(),
-                                                             lease_expires=0.0), job.etag)
+                                                             lease_expires=0.0, webhooks=webhooks), job.etag)
             except StoreError as store_error:
                 request_log(job.request_id).warning("Cannot record its failure (%s): it expires with its lease",
                                                     store_error)
             job.etag = None
+
+    def webhook_settled(self, request_id: str, event_id: str, outcome: str) -> None:
+        """Note in the request's record how its webhook event ended (blocking: called off the event loop)."""
+        if self.ledger is None:
+            return
+        for _ in range(3):  # another writer may have changed it meanwhile: read it again
+            found = self.ledger.read(request_id)
+            if found is None or not found[0].webhooks:
+                return
+            record, etag = found
+            events = [{**event, "state": outcome} if event.get("id") == event_id else event
+                      for event in record.webhooks]
+            if self.ledger.write(replace(record, webhooks=events), etag) is not None:
+                return
 
     async def answered_before(self, request_id: str, parameters: dict, fused_known: bool = True) -> Answer | None:
         """The recorded answer of an id done before (elsewhere, or before a restart), read once, so that a repeat is

@@ -162,6 +162,10 @@ def load_weights(settings: Settings, devices: list[str]) -> LoadedWeights:
         if source.kind == "hub":
             warn_if_hub_download(source.name, log)
         token = settings.hf_token.get_secret_value() if settings.hf_token else None
+        if settings.hf_token_secret_ocid:  # out of the deployment's environment: read from Vault now
+            from sd3_service.vault import read_vault_secret
+
+            token = read_vault_secret(settings, settings.hf_token_secret_ocid)
         # The dtype is set here, where transformers keeps what must stay float32 (T5's `wo`); placing
         # later moves by device only.
         pipe = StableDiffusion3Pipeline.from_pretrained(source.name, dtype=getattr(torch, dtype), token=token,

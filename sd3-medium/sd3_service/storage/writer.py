@@ -136,7 +136,7 @@ class ImageWriter:
         # Sent back to /predict as the body (with the same `image` and `mask_image`, which are described in
         # `inputs` but never copied here), this makes the same images on the same hardware and software.
         parameters = {name: value for name, value in request.parameters(seed).items()
-                      if name not in ("image", "mask_image", "mask_alpha")}
+                      if name not in ("image", "mask_image", "mask_alpha", "webhook", "webhook_events_filter")}
         record = {
             "request_id": request_id,
             "created": now.isoformat(),

@@ -77,6 +77,12 @@ def _check_strength(strength: float, info: ValidationInfo) -> float:
     return strength
 
 
+def _events_need_webhook(events: list | None, info: ValidationInfo) -> list | None:
+    if events is not None and info.data.get("webhook") is None:
+        raise ValueError("applies only with `webhook` (where to send them)")
+    return events
+
+
 _MASK_NOTE = ("With `image`: repaint only the mask's white area (inpainting); the same forms as `image`, and the "
               "same size as it.")
 
@@ -87,9 +93,12 @@ class Img2ImgParameters(ImageParameters):
     image: ImageInput = Field(..., description="The starting image: " + IMAGE_FORMS)
     strength: float = declared("strength", " Only with `image`.")
     mask_image: ImageInput | None = Field(None, description=_MASK_NOTE)
+    webhook: str | None = declared("webhook")
+    webhook_events_filter: list[Literal["start", "completed"]] | None = declared("webhook_events_filter")
 
     _mask_needs_image = field_validator("mask_image")(_mask_needs_image)
     _check_strength = field_validator("strength")(_check_strength)
+    _events_need_webhook = field_validator("webhook_events_filter")(_events_need_webhook)
 
 
 class PredictRequest(ImageParameters):
@@ -107,6 +116,8 @@ class PredictRequest(ImageParameters):
     image: ImageInput | None = Field(None, description="Start from this image (image to image): " + IMAGE_FORMS)
     strength: float = declared("strength", " Only with `image`.")
     mask_image: ImageInput | None = Field(None, description=_MASK_NOTE)
+    webhook: str | None = declared("webhook")
+    webhook_events_filter: list[Literal["start", "completed"]] | None = declared("webhook_events_filter")
     stream: bool = declared("stream", " Events: `queued` (position), `progress` (step of steps), `preview` (with "
                                       "`previews`), then `done` (the answer a non-streamed call gets) or `error` "
                                       "(its error body); a `: keep-alive` comment at least every 15 s.")
@@ -114,6 +125,7 @@ class PredictRequest(ImageParameters):
 
     _mask_needs_image = field_validator("mask_image")(_mask_needs_image)
     _check_strength = field_validator("strength")(_check_strength)
+    _events_need_webhook = field_validator("webhook_events_filter")(_events_need_webhook)
 
 
 class PredictResponse(Answer):
@@ -201,7 +213,9 @@ def to_image_request(sent: ImageParameters) -> ImageRequest:
         image=image, strength=getattr(sent, "strength", None) if image is not None else None,
         mask_image=getattr(sent, "mask_image", None), request_id=getattr(sent, "request_id", None),
         wait=getattr(sent, "wait", True) or getattr(sent, "stream", False),  # a stream is a caller that waits
-        previews=getattr(sent, "previews", 0) if getattr(sent, "stream", False) else 0, loras=tuple(lora.choice() for lora in sent.loras or ()),
+        previews=getattr(sent, "previews", 0) if getattr(sent, "stream", False) else 0,
+        webhook=getattr(sent, "webhook", None),
+        webhook_events=tuple(getattr(sent, "webhook_events_filter", None) or ("completed",)), loras=tuple(lora.choice() for lora in sent.loras or ()),
     )
 
 
