@@ -75,7 +75,8 @@ def build_webhooks(settings: Settings) -> Webhooks | None:
         return None
     policy = WebhookPolicy(hosts=settings.allowed_webhook_hosts, allow_http=settings.webhook_allow_http,
                            allow_private=settings.webhook_allow_private, signing=True)
-    return Webhooks(policy, secret, settings.spool_dir / "webhooks", settings.webhook_retry_seconds)
+    return Webhooks(policy, secret, settings.spool_dir / "webhooks", settings.webhook_retry_seconds,
+                    hold_slack=settings.lease_seconds)
 
 
 def assemble(pool: DevicePool, writer: ImageWriter, ledger: Ledger | None = None, inputs: InputReader | None = None,

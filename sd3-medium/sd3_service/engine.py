@@ -42,7 +42,7 @@ from sd3_service.spec import Answer, Finished, ImageRequest, KeepAlive, Pending,
 from sd3_service.storage.encoding import encode_image
 from sd3_service.storage.store import ObjectRefused, StoreError
 from sd3_service.storage.writer import ImageWriter
-from sd3_service.webhooks import Delivery, Webhooks, poll_answer_of_error
+from sd3_service.webhooks import ATTEMPT_SECONDS, Delivery, Webhooks, adoptable, poll_answer_of_error
 
 log = logging.getLogger("sd3.requests")
 
@@ -116,8 +116,11 @@ class Engine:
         self.keep_text = keep_text
         self.webhooks = webhooks
         if webhooks is not None:
-            webhooks.settled = lambda delivery, outcome: lifecycle.webhook_settled(delivery.request_id, delivery.id,
-                                                                                   outcome)
+            webhooks.settled = lambda delivery, outcome: lifecycle.webhook_noted(delivery.request_id, delivery.id,
+                                                                                 {"state": outcome})
+            webhooks.renew = lambda delivery, until: lifecycle.webhook_noted(delivery.request_id, delivery.id,
+                                                                             {"held_until": until})
+            lifecycle.on_finished_record = self._adopt_webhooks
 
     def start(self) -> None:
         """Start loading the model and uploading what an earlier run kept."""
@@ -217,6 +220,44 @@ class Engine:
         delivery = self.webhooks.event(job.request_id, url, "image.started", data)
         self.webhooks.keep(delivery)
         self.webhooks.send(delivery)
+
+    def _adopt_webhooks(self, record: Record) -> None:
+        """Send the webhook events of a finished record that no live sender holds (its instance died), with the same
+        `webhook-id`; claimed in the record first, so that one reader adopts each."""
+        if self.webhooks is None:
+            return
+        now = time.time()
+        for event in adoptable(record, now):
+            if event["id"] not in self.webhooks.sending:
+                asyncio.get_running_loop().create_task(self._adopt(record, event, now))
+
+    async def _adopt(self, record: Record, event: dict, now: float) -> None:
+        held = now + ATTEMPT_SECONDS + self.webhooks.hold_slack
+        try:
+            claimed = await self._in_io(self.lifecycle.webhook_noted, record.request_id, event["id"],
+                                        {"held_until": held}, now)
+        except StoreError:
+            return  # the next reader tries again
+        if claimed is None:
+            return  # someone else holds it now, or it ended
+        data = record.answer if record.state == "done" else {"error": {
+            key: (record.error or {}).get(key) for key in ("code", "message", "field")}}
+        sent = dt.datetime.fromisoformat(event["timestamp"])
+        delivery = Delivery(id=event["id"], request_id=record.request_id, url=record.parameters["webhook"],
+                            type=event["type"], timestamp=event["timestamp"], data=data,
+                            deadline=sent.timestamp() + self.webhooks.retry_seconds)
+        request_log(record.request_id).info("Adopting its webhook event %s (%s): its sender is gone", delivery.id,
+                                            delivery.type)
+        self.webhooks.keep(delivery)
+        self.webhooks.send(delivery)
+
+    def _noted(self, delivery: Delivery | None) -> list | None:
+        """What a request's record keeps of its webhook event: enough for another instance to send it, once no live
+        sender holds it (`held_until`, renewed before each wait between attempts)."""
+        if delivery is None:
+            return None
+        return [{"id": delivery.id, "type": delivery.type, "timestamp": delivery.timestamp, "state": "pending",
+                 "held_until": time.time() + ATTEMPT_SECONDS + self.webhooks.hold_slack}]
 
     def _completion(self, job: Job, kind: str, data: dict):
         """The completion event of a job with a webhook, kept on disk (sent once its record says how it ended)."""
@@ -335,7 +376,7 @@ class Engine:
             delivery = None
             if not isinstance(exc, asyncio.CancelledError):  # stopping: another instance takes it over
                 delivery = self._completion(job, "image.failed", poll_answer_of_error(exc))
-            await self.lifecycle.failed(job, exc, _noted(delivery))
+            await self.lifecycle.failed(job, exc, self._noted(delivery))
             if delivery is not None:
                 self.webhooks.send(delivery)
             raise
@@ -374,7 +415,7 @@ class Engine:
             "store": round(written.store_seconds * 1000),
         })
         delivery = self._completion(job, "image.completed", answer.without_data().model_dump(mode="json"))
-        await self.lifecycle.done(job, answer, _noted(delivery))
+        await self.lifecycle.done(job, answer, self._noted(delivery))
         if delivery is not None:
             self.webhooks.send(delivery)
         report.stages.update(encode=written.encode_seconds, store=written.store_seconds)
@@ -443,8 +484,3 @@ class Engine:
             self.loras.shutdown()
         self.io.shutdown(wait=True)
         self.writer.stop()
-
-
-def _noted(delivery: Delivery | None) -> list | None:
-    """What a request's record keeps of its webhook event."""
-    return None if delivery is None else [{"id": delivery.id, "type": delivery.type, "state": "pending"}]

@@ -127,12 +127,16 @@ class Webhooks:
     """Sends events (`send`) on an event loop of its own, in a thread of its own, so that no delivery ever waits
     for (or delays) a request or a generation; at `start` it resumes what the disk holds."""
 
-    def __init__(self, policy: WebhookPolicy, secret: str | None, folder: Path, retry_seconds: float):
+    def __init__(self, policy: WebhookPolicy, secret: str | None, folder: Path, retry_seconds: float,
+                 hold_slack: float = 30.0):
         self.policy = policy
+        self.hold_slack = hold_slack  # a sender holds an event this long past its next attempt's end (LEASE_SECONDS)
         self.secret = secret
         self.folder = Path(folder)
         self.retry_seconds = retry_seconds
         self.settled = None  # called (delivery, outcome) in a worker thread once an event is settled
+        self.renew = None  # called (delivery, held_until) in a worker thread before each wait between attempts
+        self.sending: set[str] = set()  # the ids of the events this process is sending
         self._loop: asyncio.AbstractEventLoop | None = None
         self._lock = threading.Lock()
 
@@ -171,6 +175,10 @@ class Webhooks:
     def send(self, delivery: Delivery) -> None:
         """Deliver a kept event on the delivery loop: the caller (an answer, the next generation) never waits."""
         self.start()
+        with self._lock:
+            if delivery.id in self.sending:
+                return
+            self.sending.add(delivery.id)
         METRICS.webhook_pending.inc()
         asyncio.run_coroutine_threadsafe(self._deliver(delivery), self._loop)
 
@@ -208,20 +216,29 @@ class Webhooks:
                     if time.time() + delay > delivery.deadline:
                         break
                     METRICS.webhook_deliveries.labels(outcome="retried").inc()
+                    await self._note(self.renew, delivery, time.time() + delay + ATTEMPT_SECONDS + self.hold_slack)
                     await asyncio.sleep(delay)
         finally:
             METRICS.webhook_pending.dec()
+            with self._lock:
+                self.sending.discard(delivery.id)
         METRICS.webhook_deliveries.labels(outcome=outcome).inc()
         log.info("[%s] Webhook %s %s to %s after %d attempt(s)", delivery.request_id, delivery.type,
                  outcome.replace("_", " "), delivery.host, delivery.attempts,
                  extra={"request_id": delivery.request_id, "event": delivery.type, "host": delivery.host,
                         "outcome": outcome, "attempts": delivery.attempts})
         (self.folder / f"{delivery.id}.json").unlink(missing_ok=True)
-        if self.settled is not None:
-            try:
-                await asyncio.get_running_loop().run_in_executor(None, self.settled, delivery, outcome)
-            except Exception:  # noqa: BLE001 - the record's note is a courtesy; the event is settled
-                log.exception("[%s] Cannot note the webhook's outcome in its record", delivery.request_id)
+        await self._note(self.settled, delivery, outcome)
+
+    @staticmethod
+    async def _note(note, delivery: Delivery, value) -> None:
+        """Tell the request's record (off this loop: a store call blocks); a failure here loses no event."""
+        if note is None:
+            return
+        try:
+            await asyncio.get_running_loop().run_in_executor(None, note, delivery, value)
+        except Exception as exc:  # noqa: BLE001
+            log.warning("[%s] Cannot note the webhook event in its record (%s)", delivery.request_id, exc)
 
     async def _attempt(self, client, delivery: Delivery) -> tuple[int | None, float | None]:
         """One POST: its status (None: no answer) and the receiver's `Retry-After`, if any."""
@@ -255,6 +272,12 @@ class Webhooks:
         if problem is not None and problem.startswith("refused"):
             delivery.deadline = 0  # policy does not change between attempts: give up now
         return status, wait
+
+
+def adoptable(record, now: float) -> list[dict]:
+    """The webhook events of a finished record that no live sender holds."""
+    return [event for event in record.webhooks or () if event.get("state") == "pending"
+            and event.get("held_until", 0) <= now and record.parameters.get("webhook")]
 
 
 def _retry_after(value: str | None) -> float | None:

@@ -201,3 +201,33 @@ def test_the_secret_comes_from_vault_read_with_the_services_own_credentials(rece
             assert SECRET not in server.log()
         finally:
             stop_server(server)
+
+
+def test_another_instance_that_reads_the_record_sends_what_a_dead_one_held(receiver, tmp_path):
+    # Two instances on one set of records (the local store's folder); each has its own spool. A dies while its
+    # receiver fails; B, asked for the request, finds the event no live sender holds and sends it.
+    path = f"/adopted/{uuid.uuid4().hex[:8]}"
+    receiver.script(path, *[Answer(503)] * 1000)
+    shared = {**PERMISSIVE, "IMAGE_DIR": str(tmp_path / "records"), "LEASE_SECONDS": "3"}
+    a = start_server(tmp_path / "a", shared)
+    b = start_server(tmp_path / "b", shared)
+    try:
+        request_id = f"adopted-{uuid.uuid4().hex[:6]}"
+        assert post(a, {"prompt": "a kite", **SMALL, "webhook": receiver.url(path),
+                        "request_id": request_id}).status_code == 200
+        failing = receiver.wait_for(path, 1)
+        tree = psutil.Process(a.process.pid)
+        for process in [*tree.children(recursive=True), tree]:
+            process.kill()
+        psutil.wait_procs([*tree.children(recursive=True), tree], timeout=30)
+        receiver.script(path, Answer(200))
+        before = len(receiver.at(path))
+        # polls read the record; once the dead sender's hold ran out, one of them adopts the event
+        assert until(lambda: post(b, {"request_id": request_id}).status_code == 200
+                     and len(receiver.at(path)) > before, timeout=120)
+        adopted = receiver.at(path)[-1]
+        assert adopted.status == 200 and adopted.headers["webhook-id"] == failing[0].headers["webhook-id"]
+        assert f"[{request_id}] Adopting its webhook event" in b.log()
+    finally:
+        stop_server(a)
+        stop_server(b)

@@ -79,6 +79,7 @@ class Lifecycle:
         self.io = io
         self.max_jobs = max_jobs
         self.pause_seconds = pause_seconds
+        self.on_finished_record = None  # told of each finished record a poll or a repeat reads
         self._down_until = 0.0
         self._store_failed = False  # a ledger call failed since the last one that worked
         self._renewing: asyncio.Task | None = None
@@ -221,19 +222,28 @@ class Lifecycle:
                                                     store_error)
             job.etag = None
 
-    def webhook_settled(self, request_id: str, event_id: str, outcome: str) -> None:
-        """Note in the request's record how its webhook event ended (blocking: called off the event loop)."""
+    def webhook_noted(self, request_id: str, event_id: str, changes: dict,
+                      unless_held: float | None = None) -> Record | None:
+        """Apply `changes` to a webhook event in the request's record (how it ended, who holds it until when);
+        blocking, so called off the event loop. `unless_held`: only if no one holds it at that time. The record
+        written, or None when there was nothing to change (or someone else holds it)."""
         if self.ledger is None:
-            return
+            return None
         for _ in range(3):  # another writer may have changed it meanwhile: read it again
             found = self.ledger.read(request_id)
             if found is None or not found[0].webhooks:
-                return
+                return None
             record, etag = found
-            events = [{**event, "state": outcome} if event.get("id") == event_id else event
-                      for event in record.webhooks]
-            if self.ledger.write(replace(record, webhooks=events), etag) is not None:
-                return
+            event = next((event for event in record.webhooks if event.get("id") == event_id), None)
+            if event is None or event.get("state") != "pending":
+                return None
+            if unless_held is not None and event.get("held_until", 0) > unless_held:
+                return None
+            events = [{**event, **changes} if event.get("id") == event_id else event for event in record.webhooks]
+            written = replace(record, webhooks=events)
+            if self.ledger.write(written, etag) is not None:
+                return written
+        return None
 
     async def answered_before(self, request_id: str, parameters: dict, fused_known: bool = True) -> Answer | None:
         """The recorded answer of an id done before (elsewhere, or before a restart), read once, so that a repeat is
@@ -262,7 +272,14 @@ class Lifecycle:
         except StoreError as exc:
             request_log(request_id).warning("Cannot read its record now (%s): served as a new request", exc)
             return None
+        if found is not None:
+            self._seen_finished(found[0])
         return None if found is None else found[0]
+
+    def _seen_finished(self, record: Record) -> None:
+        """A finished record read for a poll or a repeat: its webhook events that nobody holds are adopted."""
+        if record.finished and record.webhooks and self.on_finished_record is not None:
+            self.on_finished_record(record)
 
     async def lookup(self, request_id: str) -> Job | Answer | Record:
         """What a poll finds: the job this process holds, the recorded answer, or the record of a live request
@@ -280,6 +297,7 @@ class Lifecycle:
         if found is None:
             raise ServiceError(404, "unknown_request", f"no request '{request_id}' was ever accepted")
         record, _ = found
+        self._seen_finished(record)
         if record.state == "done":
             return Answer.model_validate(record.answer)
         if record.state == "failed":
