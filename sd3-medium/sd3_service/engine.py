@@ -374,7 +374,10 @@ class Engine:
         except BaseException as exc:
             report.finished(job.request_id, "failed", exc)
             delivery = None
-            if not isinstance(exc, asyncio.CancelledError):  # stopping: another instance takes it over
+            # Only the request's owner tells its webhook (a follower's failure is not the request's outcome); not
+            # when stopping: another instance takes it over
+            owned = self.lifecycle.ledger is None or job.record is not None or job.unclaimed
+            if owned and not isinstance(exc, asyncio.CancelledError):
                 delivery = self._completion(job, "image.failed", poll_answer_of_error(exc))
             await self.lifecycle.failed(job, exc, self._noted(delivery))
             if delivery is not None:
