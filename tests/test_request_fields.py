@@ -28,7 +28,7 @@ def bare(annotation):
         return kept[0] if len(kept) == 1 else tuple(kept)
     if get_origin(annotation) is list:
         inner = bare(get_args(annotation)[0])
-        return list, LoraSpec if issubclass(inner, LoraSpec) else inner  # a form's adapters are LoraSpecs too
+        return list, LoraSpec if isinstance(inner, type) and issubclass(inner, LoraSpec) else inner  # forms' too
     return annotation
 
 

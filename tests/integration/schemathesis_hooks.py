@@ -5,7 +5,8 @@ before the call; an invalid value is left as generated, so a request meant to be
 A string in `image` or `mask_image` (any string fits the schema's `type: string`) becomes a real 256x256 PNG,
 and a mask or a strength sent without an image gets one; the OpenAI edit's files become a real PNG and a mask
 with alpha of its size. What the schema cannot say (an image field holds an image; `mask_image` and `strength`
-come with `image`; a `WxH` size must also fit the model's bounds) the descriptions say, and the hooks keep to.
+come with `image`; a `WxH` size must also fit the model's bounds; a `webhook` must be a URL the deployment's
+WEBHOOK_HOSTS allow, tested in test_webhooks.py) the descriptions say, and the hooks keep to.
 """
 
 import base64
@@ -71,6 +72,9 @@ def before_call(context, case, kwargs):
         return
     _cheapest(case.body, {name: value for name, value in CHEAPEST.items()
                           if name != "num_images" or path == "/predict"})
+    if _body_is_valid(case):  # any string fits `webhook`; whether it may be sent to is the deployment's allowlist
+        case.body.pop("webhook", None)
+        case.body.pop("webhook_events_filter", None)
     for name, png in IMAGES.items():
         if isinstance(case.body.get(name), str):
             case.body[name] = png
