@@ -114,7 +114,7 @@ def test_served_model_names_are_listed_retrievable_and_answered_to(client):
     # `server` answers to SERVED_MODEL_NAMES=sd3-tiny,dall-e-3
     assert [model.id for model in client.models.list()] == ["sd3-tiny", "dall-e-3"]
     assert client.models.retrieve("dall-e-3").id == "dall-e-3"
-    # LibreChat's DALL-E 3 tool, with its defaults (api/app/clients/tools/structured/DALLE3.js)
+    # LibreChat's DALL-E 3 tool, with its defaults: model, quality, style, size, prompt and n, no response_format
     made = client.images.generate(model="dall-e-3", quality="standard", style="vivid", size="1024x1024",
                                   prompt="a lighthouse at dusk", n=1, response_format="b64_json")
     assert decoded(made.data[0]).size == (1024, 1024)
@@ -123,7 +123,7 @@ def test_served_model_names_are_listed_retrievable_and_answered_to(client):
 
 
 def test_open_webuis_request_is_answered(server):
-    # What Open WebUI's image router posts to an OpenAI-compatible engine (backend/open_webui/routers/images.py):
+    # What Open WebUI's image router posts to an OpenAI-compatible engine:
     # model, prompt, n, size (its default 512x512) and response_format b64_json.
     body = {"model": "sd3-tiny", "prompt": "a lighthouse at dusk", "n": 1, "size": "512x512",
             "response_format": "b64_json"}
