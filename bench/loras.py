@@ -21,8 +21,6 @@ Writes bench/results/loras.json (or loras-smoke.json) and prints a table.
 
 from __future__ import annotations
 
-import argparse
-import statistics
 import sys
 import tempfile
 import time
@@ -30,22 +28,13 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent / "sd3-medium"), str(HERE.parent)]
-from machine import describe_machine, save_report  # noqa: E402
+from machine import describe_machine, median_ms, save_report, smoke_or_full  # noqa: E402
 
 PLANS = {"full": {"size": 512, "steps": 10, "samples": 7}, "smoke": {"size": 256, "steps": 2, "samples": 2}}
 
 
-def median_ms(samples: list[float]) -> float:
-    return round(statistics.median(samples) * 1000, 2)
-
-
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--smoke", action="store_true", help="small and few: checks the script works")
-    parser.add_argument("--out", type=Path, default=None)
-    args = parser.parse_args(argv)
-    plan = PLANS["smoke" if args.smoke else "full"]
-    out = args.out or HERE / "results" / ("loras-smoke.json" if args.smoke else "loras.json")
+    plan, out = smoke_or_full(__doc__, PLANS, "loras", argv)
 
     from sd3_service.lora_library import AdapterCache, LoraLibrary
     from sd3_service.pipelines.generation import generate_images, generation_arguments

@@ -70,3 +70,23 @@ def save_report(report: dict, path) -> None:
     print(machine_line(report["machine"]))
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(json.dumps(report, indent=1) + "\n")
+
+
+def median_ms(samples: list[float]) -> float:
+    """The median of `samples` (seconds), in milliseconds."""
+    import statistics
+
+    return round(statistics.median(samples) * 1000, 2)
+
+
+def smoke_or_full(description: str, plans: dict, name: str, argv=None):
+    """The command line of a benchmark with a full and a `--smoke` plan: (its plan, where its report goes)."""
+    import argparse
+    from pathlib import Path
+
+    parser = argparse.ArgumentParser(description=description.splitlines()[0])
+    parser.add_argument("--smoke", action="store_true", help="small and few: checks the script works")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args(argv)
+    results = Path(__file__).resolve().parent / "results"
+    return plans["smoke" if args.smoke else "full"], args.out or results / f"{name}{'-smoke' if args.smoke else ''}.json"

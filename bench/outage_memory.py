@@ -15,7 +15,6 @@ Writes bench/results/outage_memory.json (or outage_memory-smoke.json) and prints
 
 from __future__ import annotations
 
-import argparse
 import sys
 import tempfile
 import uuid
@@ -23,7 +22,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent / "sd3-medium"), str(HERE.parent)]
-from machine import describe_machine, save_report  # noqa: E402
+from machine import describe_machine, save_report, smoke_or_full  # noqa: E402
 
 PLANS = {"full": {"requests": 12, "size": 1024, "images": 4}, "smoke": {"requests": 3, "size": 256, "images": 2}}
 
@@ -36,12 +35,7 @@ def slope(values: list[float]) -> float:
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--smoke", action="store_true", help="small and few: checks the script works")
-    parser.add_argument("--out", type=Path, default=None)
-    args = parser.parse_args(argv)
-    plan = PLANS["smoke" if args.smoke else "full"]
-    out = args.out or HERE / "results" / ("outage_memory-smoke.json" if args.smoke else "outage_memory.json")
+    plan, out = smoke_or_full(__doc__, PLANS, "outage_memory", argv)
 
     import httpx
     import psutil

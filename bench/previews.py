@@ -14,7 +14,6 @@ Writes bench/results/previews.json (or previews-smoke.json) and prints a table.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import time
@@ -22,23 +21,14 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent / "sd3-medium"), str(HERE.parent)]
-from machine import describe_machine, save_report  # noqa: E402
+from machine import describe_machine, median_ms, save_report, smoke_or_full  # noqa: E402
 
 PLANS = {"full": {"size": 512, "steps": 20, "samples": 5}, "smoke": {"size": 256, "steps": 6, "samples": 2}}
 PREVIEWS = 3
 
 
-def median_ms(samples: list[float]) -> float:
-    return round(statistics.median(samples) * 1000, 2)
-
-
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--smoke", action="store_true", help="small and few: checks the script works")
-    parser.add_argument("--out", type=Path, default=None)
-    args = parser.parse_args(argv)
-    plan = PLANS["smoke" if args.smoke else "full"]
-    out = args.out or HERE / "results" / ("previews-smoke.json" if args.smoke else "previews.json")
+    plan, out = smoke_or_full(__doc__, PLANS, "previews", argv)
 
     from sd3_service.pipelines import generation
     from sd3_service.pipelines.tiny import build_tiny_pipeline

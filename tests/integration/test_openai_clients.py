@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import base64
 import io
-import json
 import os
 
 import httpx
@@ -14,7 +13,7 @@ import openai
 import pytest
 from PIL import Image
 
-from image_samples import file_bytes, noise
+from image_samples import file_bytes
 from integration.test_openai import FAST, START, decoded, transparent_left_half
 
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # LiteLLM would fetch its price list on import

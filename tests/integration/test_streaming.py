@@ -15,7 +15,7 @@ import openai
 import pytest
 from PIL import Image
 
-from image_samples import b64, file_bytes
+from image_samples import file_bytes
 from integration.test_openai import START
 
 SMALL = {"width": 256, "height": 256, "num_inference_steps": 6, "seed": 3}

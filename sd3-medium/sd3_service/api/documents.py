@@ -88,6 +88,13 @@ class Schemas:
         return {"$ref": REF.format(model=name)}
 
 
+def event_stream(description: str) -> dict[str, Any]:
+    """A `text/event-stream` answer's entry: each event an object of its name and its data (`description` says
+    which events come)."""
+    return {"schema": {"type": "object", "description": description,
+                       "properties": {"event": {"type": "string"}, "data": {"type": "string"}}}}
+
+
 def json_body(reference: dict[str, str]) -> dict[str, Any]:
     return {"required": True, "content": {"application/json": {"schema": reference}}}
 

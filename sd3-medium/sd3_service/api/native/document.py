@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sd3_service.api.documents import REF, RETRY_AFTER, Schemas, json_body
+from sd3_service.api.documents import REF, RETRY_AFTER, Schemas, event_stream, json_body
 from sd3_service.api.native.models import (ErrorResponse, HealthResponse, ImageParameters, Img2ImgParameters,
                                            PendingResponse, PollRequest, PredictRequest, PredictResponse)
 from sd3_service.spec import CONTENT_TYPES
@@ -69,10 +69,6 @@ STREAM_EVENTS = ("Server-Sent Events, each `event: <name>` and one line of JSON 
                  "comment comes at least every 15 s.")
 
 
-SSE_EVENT = {"type": "object", "description": STREAM_EVENTS,
-             "properties": {"event": {"type": "string"}, "data": {"type": "string"}}}
-
-
 def native_paths(schemas: Schemas, predict_route: str, health_route: str) -> dict[str, Any]:
     """The native routes' entries of the document."""
     schemas.ref(ErrorResponse)
@@ -89,7 +85,7 @@ def native_paths(schemas: Schemas, predict_route: str, health_route: str) -> dic
             "responses": {"200": {"description": "the generated images and where they are stored; with `stream`, "
                                                  "the events of their making",
                                   "content": {"application/json": {"schema": schemas.ref(PredictResponse)},
-                                              "text/event-stream": {"schema": SSE_EVENT}}},
+                                              "text/event-stream": event_stream(STREAM_EVENTS)}},
                           "202": {"description": "accepted, not done yet (`wait: false`, or not done within the "
                                                  "server's wait): poll with the request_id after `Retry-After`",
                                   "headers": RETRY_AFTER,

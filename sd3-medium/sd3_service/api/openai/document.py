@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sd3_service.api.documents import REF, RETRY_AFTER, Schemas, json_body
+from sd3_service.api.documents import REF, RETRY_AFTER, Schemas, event_stream, json_body
 from sd3_service.api.openai.models import (EditForm, GenerationBody, ImagesResponse, ModelCard, ModelList,
                                            OpenAIErrorResponse, VariationForm)
 from sd3_service.api.openai.surface import EDITS, GENERATIONS, IDEMPOTENCY_KEY, MODELS, VARIATIONS
@@ -24,10 +24,6 @@ STREAM_EVENTS = ("Server-Sent Events as the openai SDK's `stream=True` reads the
                  "`b64_json`, then one `image_generation.completed` (`image_edit.completed`) per image with "
                  "`b64_json`, `size`, `output_format`, `quality`, `background` and `usage` (zero: no tokens are "
                  "counted); an error after the stream opened is an `error` event with OpenAI's error body.")
-
-
-SSE_EVENT = {"type": "object", "description": STREAM_EVENTS,
-             "properties": {"event": {"type": "string"}, "data": {"type": "string"}}}
 
 
 def _error(description: str, headers: dict | None = None) -> dict[str, Any]:
@@ -86,7 +82,7 @@ def openai_paths(schemas: Schemas, links: bool) -> dict[str, Any]:
     answer = {"description": "the images: `b64_json` or `url` each; with `stream`, OpenAI's image stream",
               "headers": _REQUEST_ID,
               "content": {"application/json": {"schema": schemas.ref(ImagesResponse)},
-                          "text/event-stream": {"schema": SSE_EVENT}}}
+                          "text/event-stream": event_stream(STREAM_EVENTS)}}
     return {
         GENERATIONS: {"post": {
             "operationId": "openai_images_generations", "tags": ["OpenAI Images API"],

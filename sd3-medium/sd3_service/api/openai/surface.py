@@ -115,21 +115,21 @@ async def generations(request: Request) -> Response:
 @router.post(EDITS)
 async def edits(request: Request) -> Response:
     """Repaint an image: where the mask is fully transparent with a mask (inpainting), else all of it."""
-    try:
-        options, image, mask = await _image_form(request, EditForm)
-    except ServiceError as exc:
-        return error_response(exc)
-    return await _answer(request, options, image, mask)
+    return await _answer_form(request, EditForm)
 
 
 @router.post(VARIATIONS)
 async def variations(request: Request) -> Response:
     """`n` variations of an image: image to image with no prompt, at `strength`."""
+    return await _answer_form(request, VariationForm)
+
+
+async def _answer_form(request: Request, model: type[ImageOptions]) -> Response:
     try:
-        options, image, _ = await _image_form(request, VariationForm)
+        options, image, mask = await _image_form(request, model)
     except ServiceError as exc:
         return error_response(exc)
-    return await _answer(request, options, image)
+    return await _answer(request, options, image, mask)
 
 
 @router.api_route("/v1/{rest:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"],
