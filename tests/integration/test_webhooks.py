@@ -66,6 +66,24 @@ def test_start_then_completed_each_signed_with_the_poll_answer(hooks, receiver):
     assert started.headers["webhook-id"] != completed.headers["webhook-id"]
 
 
+def test_the_docs_receiver_verifies_a_delivery_as_written(hooks, receiver):
+    import re
+    from pathlib import Path
+
+    from standardwebhooks.webhooks import WebhookVerificationError
+
+    text = (Path(__file__).resolve().parents[2] / "docs" / "webhooks.md").read_text()
+    snippet = re.search(r"```python\n(.*?)```", text, re.S)[1].replace("whsec_…", SECRET)
+    scope: dict = {}
+    exec(snippet, scope)  # noqa: S102 - the docs' own lines, as a receiver would paste them
+    path = f"/docs/{uuid.uuid4().hex[:8]}"
+    assert post(hooks, {"prompt": "a kite", **SMALL, "webhook": receiver.url(path)}).status_code == 200
+    [call] = receiver.wait_for(path, 1)
+    assert scope["receive"](call.body, call.headers)["type"] == "image.completed"
+    with pytest.raises(WebhookVerificationError):
+        scope["receive"](call.body.replace(b"image.completed", b"image.failed"), call.headers)
+
+
 def test_a_failed_request_sends_its_error(hooks, receiver):
     path = f"/failed/{uuid.uuid4().hex[:8]}"
     not_an_image = base64.b64encode(b"no image here").decode()
