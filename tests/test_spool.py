@@ -14,6 +14,7 @@ from sd3_service.storage.object_storage import ObjectStorageStore
 from sd3_service.storage.spool import Spool, SpoolCorrupt, SpoolingStore
 from sd3_service.storage.store import ImageObject, LocalFolderStore
 from testbed.fakes import oci_common
+from testbed.waiting import wait_until
 
 
 def image(index: int = 0, request_id: str = "req-42") -> ImageObject:
@@ -22,13 +23,6 @@ def image(index: int = 0, request_id: str = "req-42") -> ImageObject:
 
 
 SOMEWHERE = {"kind": "local", "folder": "/srv/images"}  # a destination, for tests of the folder alone
-
-
-def wait_until(condition, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.02)
 
 
 @pytest.fixture

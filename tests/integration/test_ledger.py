@@ -21,6 +21,7 @@ from integration.test_service import oci_raw_request
 from testbed.fakes import oci_common
 from testbed.fakes.object_storage import FakeObjectStorage
 from testbed.server import start_server, stop_server
+from testbed.waiting import wait_until
 
 SMALL = {"width": 256, "height": 256, "num_inference_steps": 2}
 
@@ -225,13 +226,6 @@ def lone(fake, principal, tmp_path_factory):
 
 def is_record_call(request) -> bool:
     return "requests%2F" in request.path  # the SDK quotes the slashes of an object name
-
-
-def wait_until(condition, timeout: float = 90) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.2)
 
 
 def test_an_outage_during_the_claim_serves_the_request_and_records_it_later(fake, lone):

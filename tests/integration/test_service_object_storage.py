@@ -18,6 +18,7 @@ from sd3_service.storage.spool import Spool
 from testbed.fakes import oci_common
 from testbed.fakes.object_storage import FakeObjectStorage
 from testbed.server import start_server, stop_server
+from testbed.waiting import wait_until
 
 SMALL = {"width": 256, "height": 256, "num_inference_steps": 2}
 PROMPT = "a red fox in fresh snow, morning light"
@@ -62,13 +63,6 @@ def predict(server, body) -> httpx.Response:
 def health_store(server) -> dict:
     with server.client() as client:
         return client.get("/health").json()["store"]
-
-
-def wait_until(condition, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.1)
 
 
 def test_every_image_is_stored_under_a_server_made_name_with_its_parameters(server, fake, principal):

@@ -13,6 +13,7 @@ import psutil
 import pytest
 
 from testbed.server import start_server, stop_server
+from testbed.waiting import wait_until
 from testbed.webhook_receiver import Answer, WebhookReceiver
 
 SECRET = "whsec_" + base64.b64encode(secrets.token_bytes(24)).decode()
@@ -35,16 +36,6 @@ def hooks(tmp_path_factory):
     running = start_server(tmp_path_factory.mktemp("hooks"), PERMISSIVE, gates=True)
     yield running
     stop_server(running)
-
-
-def until(condition, timeout: float = 60):
-    """`condition()` once true, waiting in small steps (a server's log line comes just after what it logs)."""
-    pause = threading.Event()
-    for _ in range(int(timeout / 0.05)):
-        if result := condition():
-            return result
-        pause.wait(0.05)
-    return condition()
 
 
 def post(server, body):
@@ -106,7 +97,7 @@ def test_a_failing_receiver_gets_the_same_webhook_id_until_it_accepts(hooks, rec
         return [line for line in map(json.loads, filter(lambda text: text.startswith("{"), hooks.log().splitlines()))
                 if line.get("request_id") == request_id and key in line]
 
-    assert until(lambda: logged("outcome"))  # the sender logs its outcome after the receiver answered
+    wait_until(lambda: logged("outcome"))  # the sender logs its outcome after the receiver answered
     attempts = logged("attempt")
     assert [(line["attempt"], line["status"], line["host"]) for line in attempts] == [
         (1, 503, "127.0.0.1"), (2, 500, "127.0.0.1"), (3, 200, "127.0.0.1")]  # one JSON line each, host only
@@ -121,7 +112,7 @@ def test_410_gone_ends_it_at_once(hooks, receiver):
     receiver.wait_for(path, 1)
     record = hooks.image_dir / "sd3" / "requests" / f"{request_id}.json"
     # the record says how it ended once the sender settled it: no second call comes
-    assert until(lambda: record.exists() and json.loads(record.read_text())["webhooks"][0]["state"] == "gone")
+    wait_until(lambda: record.exists() and json.loads(record.read_text())["webhooks"][0]["state"] == "gone")
     assert len(receiver.at(path)) == 1
 
 
@@ -241,8 +232,8 @@ def test_another_instance_that_reads_the_record_sends_what_a_dead_one_held(recei
         receiver.script(path, Answer(200))
         before = len(receiver.at(path))
         # polls read the record; once the dead sender's hold ran out, one of them adopts the event
-        assert until(lambda: post(b, {"request_id": request_id}).status_code == 200
-                     and len(receiver.at(path)) > before, timeout=120)
+        wait_until(lambda: post(b, {"request_id": request_id}).status_code == 200
+                   and len(receiver.at(path)) > before, timeout=120, every=0.5)
         adopted = receiver.at(path)[-1]
         assert adopted.status == 200 and adopted.headers["webhook-id"] == failing[0].headers["webhook-id"]
         assert f"[{request_id}] Adopting its webhook event" in b.log()

@@ -20,7 +20,7 @@ import datetime as dt
 import hashlib
 import json
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 
 from sd3_service.metrics import METRICS
 from sd3_service.spec import MAX_SEED, ImageRequest
@@ -104,7 +104,10 @@ class Record:
 
     @classmethod
     def from_json(cls, data: bytes) -> Record:
-        return cls(**json.loads(data))
+        """The record as stored; fields a newer version added are left out (instances of two versions share a
+        bucket during a rolling update)."""
+        known = {item.name for item in fields(cls)}
+        return cls(**{name: value for name, value in json.loads(data).items() if name in known})
 
 
 @dataclass(frozen=True)
